@@ -1,0 +1,432 @@
+//! The delivery loop: wait → claim → render → send → record. The only part that knows
+//! the outbox, rendering, transports and retry timing together.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::Retryable;
+use lettre::message::Mailbox;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{Instrument, field};
+
+use crate::config::DeliveryConfig;
+use crate::render::{self, Rendered};
+use crate::retry;
+use crate::settings::{SenderKind, Settings};
+use crate::store::{AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
+use crate::transport::{Outcome, Transport};
+
+/// Settings and the transport built from them; a message keeps the snapshot it started
+/// with, so a settings change never disturbs mail in flight.
+pub struct Delivery {
+    pub settings: Arc<Settings>,
+    pub transport: Transport,
+}
+
+pub struct Worker {
+    store: Store,
+    cfg: DeliveryConfig,
+    /// This daemon's name in lease_owner: host, pid and a random part, so that two
+    /// daemons on one host (or one restarted) never mistake each other's leases.
+    owner: String,
+    message_id_domain: String,
+    settings: Mutex<watch::Receiver<Arc<Settings>>>,
+    delivery: Mutex<Arc<Delivery>>,
+    /// Fired by NOTIFY (or anyone) when new mail may be due.
+    wake: Arc<Notify>,
+    /// Senders paused by a configuration failure, and when that list was read: claims
+    /// skip them without a query each time.
+    paused: Mutex<(Option<Instant>, Vec<String>)>,
+}
+
+/// How long the list of paused senders may be reused before it is read again.
+const PAUSED_TTL: Duration = Duration::from_secs(1);
+/// Longest wait between two tries to reach the database after an error.
+const DB_RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// What one pass over the outbox did; `run_once` returns it to tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    pub claimed: usize,
+}
+
+impl Worker {
+    pub fn new(
+        store: Store,
+        cfg: DeliveryConfig,
+        settings: watch::Receiver<Arc<Settings>>,
+        wake: Arc<Notify>,
+    ) -> Worker {
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        let owner = format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..));
+        let message_id_domain = if cfg.message_id_domain.is_empty() {
+            host
+        } else {
+            cfg.message_id_domain.clone()
+        };
+        let first = settings.borrow().clone();
+        Worker {
+            delivery: Mutex::new(Arc::new(Delivery {
+                transport: Transport::build(&first, &cfg),
+                settings: first,
+            })),
+            settings: Mutex::new(settings),
+            store,
+            cfg,
+            owner,
+            message_id_domain,
+            wake,
+            paused: Mutex::new((None, Vec::new())),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The delivery snapshot for the current settings, rebuilt only when they changed.
+    fn delivery(&self) -> Arc<Delivery> {
+        let mut rx = self.settings.lock().unwrap();
+        let mut current = self.delivery.lock().unwrap();
+        if rx.has_changed().unwrap_or(false) {
+            let settings = rx.borrow_and_update().clone();
+            *current = Arc::new(Delivery {
+                transport: Transport::build(&settings, &self.cfg),
+                settings,
+            });
+        }
+        current.clone()
+    }
+
+    async fn paused(&self) -> Result<Vec<String>, sqlx::Error> {
+        if let (Some(at), list) = &*self.paused.lock().unwrap() {
+            if at.elapsed() < PAUSED_TTL {
+                return Ok(list.clone());
+            }
+        }
+        let list: Vec<String> = self
+            .store
+            .paused_senders()
+            .await?
+            .into_iter()
+            .map(|p| p.sender)
+            .collect();
+        *self.paused.lock().unwrap() = (Some(Instant::now()), list.clone());
+        Ok(list)
+    }
+
+    /// Claims up to `limit` due rows; an empty result when every sender is paused.
+    async fn claim(&self, limit: usize) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+        let paused = self.paused().await?;
+        if paused.iter().any(|p| p == "*") {
+            return Ok(Vec::new());
+        }
+        let paused: Vec<&str> = paused.iter().map(String::as_str).collect();
+        self.store
+            .claim(
+                &self.owner,
+                u32::try_from(limit).unwrap_or(u32::MAX),
+                self.cfg.lease(),
+                &self.message_id_domain,
+                &paused,
+            )
+            .await
+    }
+
+    /// One batch, start to finish: claims up to `concurrency` rows and delivers them.
+    /// Tests call this to drive the worker one step at a time.
+    pub async fn run_once(self: &Arc<Self>) -> Result<Pass, sqlx::Error> {
+        let rows = self.claim(self.cfg.concurrency as usize).await?;
+        let claimed = rows.len();
+        let (_stop_tx, stop) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for row in rows {
+            tasks.spawn(self.clone().deliver(row, stop.clone(), None));
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(Pass { claimed })
+    }
+
+    /// Delivers until `shutdown` resolves, then stops claiming, lets messages already
+    /// being sent finish within the grace period and gives back the rest.
+    /// With `until_idle`, also returns once nothing is due and nothing is in flight.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>, until_idle: bool) {
+        tokio::pin!(shutdown);
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency as usize));
+        let (stop_tx, stop) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut db_backoff = None;
+        loop {
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "a delivery task failed");
+                }
+            }
+            let first = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+                () = &mut shutdown => break,
+            };
+            let free = slots.available_permits() + 1;
+            match self.claim(free).await {
+                Ok(rows) if !rows.is_empty() => {
+                    db_backoff = None;
+                    let mut first = Some(first);
+                    for row in rows {
+                        let permit = match first.take() {
+                            Some(p) => p,
+                            None => slots.clone().acquire_owned().await.expect("never closed"),
+                        };
+                        tasks.spawn(self.clone().deliver(row, stop.clone(), Some(permit)));
+                    }
+                }
+                Ok(_) => {
+                    db_backoff = None;
+                    drop(first);
+                    if until_idle && tasks.is_empty() {
+                        break;
+                    }
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(self.cfg.poll_interval()) => {}
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        () = &mut shutdown => break,
+                    }
+                }
+                Err(e) => {
+                    drop(first);
+                    let delay = db_backoff
+                        .get_or_insert_with(|| {
+                            backon::BackoffBuilder::build(retry::reconnect_backoff(DB_RETRY_CAP))
+                        })
+                        .next()
+                        .unwrap_or(DB_RETRY_CAP);
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot claim mail; the database is not answering");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = &mut shutdown => break,
+                    }
+                }
+            }
+        }
+        stop_tx.send_replace(true);
+        let in_flight = tasks.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, grace_secs = self.cfg.shutdown_grace_secs, "draining");
+        }
+        let drained = tokio::time::timeout(self.cfg.shutdown_grace(), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "messages still being sent after the grace period stay leased; another daemon retries them when the lease runs out"
+            );
+            tasks.shutdown().await;
+        }
+    }
+
+    /// Takes one claimed row to its end: sent, retry later, failed, or waiting for the
+    /// settings to be fixed.
+    async fn deliver(
+        self: Arc<Self>,
+        row: ClaimedRow,
+        stop: watch::Receiver<bool>,
+        _slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let delivery = self.delivery();
+        let span = tracing::info_span!(
+            "mail",
+            id = row.id,
+            attempt = row.attempts,
+            module = %row.module,
+            message_id = %row.message_id,
+            transport = delivery.transport.name(),
+            sender = field::Empty,
+        );
+        async move {
+            if *stop.borrow() {
+                let give_back = Finish {
+                    status: RowStatus::Pending,
+                    give_back: true,
+                    retry_in: None,
+                    error: None,
+                    smtp_code: None,
+                    reply: None,
+                };
+                self.record(&row, &give_back, None).await;
+                return;
+            }
+            let started = Instant::now();
+            let (kind, outcome) = self.attempt(&row, &delivery).await;
+            self.conclude(&row, kind, outcome, started.elapsed(), delivery.transport.name())
+                .await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn attempt(&self, row: &ClaimedRow, delivery: &Delivery) -> (Option<SenderKind>, Outcome) {
+        let kind = match SenderKind::for_row(&row.module, row.sender.as_deref()) {
+            Ok(kind) => kind,
+            Err(reason) => return (None, Outcome::Permanent { reason, code: None }),
+        };
+        tracing::Span::current().record("sender", kind.as_str());
+        let from = match (delivery.settings.sender(kind), &delivery.transport) {
+            (Ok(from), _) => from.clone(),
+            (Err(_), Transport::Pickup(_)) => pickup_sender(),
+            (Err(reason), _) => {
+                let outcome = Outcome::Configuration {
+                    reason: reason.clone(),
+                    code: None,
+                };
+                return (Some(kind), outcome);
+            }
+        };
+        let rendered = match self.render(row, &from).await {
+            Ok(r) => r,
+            Err(outcome) => return (Some(kind), outcome),
+        };
+        let outcome = delivery.transport.send(&rendered).await;
+        (Some(kind), outcome)
+    }
+
+    async fn render(&self, row: &ClaimedRow, from: &Mailbox) -> Result<Rendered, Outcome> {
+        let attachments = self.store.attachments(row.id).await.map_err(|e| {
+            Outcome::Transient {
+                reason: format!("cannot read the attachments: {e}"),
+                code: None,
+                retry_after: None,
+            }
+        })?;
+        render::render(row, &attachments, from, self.cfg.max_message_bytes).map_err(|e| {
+            Outcome::Permanent {
+                reason: e.0,
+                code: None,
+            }
+        })
+    }
+
+    async fn conclude(
+        &self,
+        row: &ClaimedRow,
+        kind: Option<SenderKind>,
+        outcome: Outcome,
+        took: Duration,
+        transport: &str,
+    ) {
+        let max_attempts = row
+            .max_attempts
+            .and_then(|m| u32::try_from(m).ok())
+            .unwrap_or(self.cfg.max_attempts);
+        let attempt = u32::try_from(row.attempts).unwrap_or(0);
+        let code = outcome.code();
+        let took_ms = took.as_millis() as u64;
+        let (finish, detail) = match &outcome {
+            Outcome::Sent { reply, .. } => {
+                tracing::info!(code, reply = %reply, took_ms, "sent");
+                (finish(RowStatus::Sent, None, code, Some(reply)), reply.clone())
+            }
+            Outcome::Permanent { reason, .. } => {
+                tracing::warn!(code, reason = %reason, "failed for good");
+                (finish(RowStatus::Failed, Some(reason), code, None), reason.clone())
+            }
+            Outcome::Transient { reason, .. } if attempt >= max_attempts => {
+                let why = format!("gave up after {attempt} attempts; the last one: {reason}");
+                tracing::warn!(code, reason = %reason, attempt, "failed after the last attempt");
+                (finish(RowStatus::Failed, Some(&why), code, None), reason.clone())
+            }
+            Outcome::Transient {
+                reason,
+                retry_after,
+                ..
+            } => {
+                let delay = retry_after.unwrap_or_else(|| {
+                    retry::next_delay(
+                        attempt,
+                        Duration::from_secs(self.cfg.retry_base_secs),
+                        Duration::from_secs(self.cfg.retry_cap_secs),
+                    )
+                });
+                tracing::info!(code, reason = %reason, retry_in_secs = delay.as_secs(), "will retry");
+                let mut f = finish(RowStatus::Pending, Some(reason), code, None);
+                f.retry_in = Some(delay);
+                (f, reason.clone())
+            }
+            Outcome::Configuration { reason, .. } => {
+                let sender = kind.map_or("*", SenderKind::as_str);
+                self.pause(sender, reason).await;
+                let mut f = finish(RowStatus::Pending, Some(reason), code, None);
+                f.give_back = true;
+                (f, reason.clone())
+            }
+        };
+        let record = AttemptRecord {
+            attempt: row.attempts,
+            duration: took,
+            transport,
+            outcome: outcome.label(),
+            smtp_code: code,
+            detail: Some(&detail),
+        };
+        self.record(row, &finish, Some(&record)).await;
+    }
+
+    /// Pauses a sender after a configuration failure, and says why once.
+    async fn pause(&self, sender: &str, reason: &str) {
+        let recheck = self.cfg.config_recheck();
+        match self.store.pause_sender(sender, reason, recheck).await {
+            Ok(true) => tracing::error!(
+                sender,
+                reason,
+                recheck_in_secs = recheck.as_secs(),
+                "sender paused: mail waits until the mail settings are fixed"
+            ),
+            Ok(false) => tracing::debug!(sender, "sender still paused"),
+            Err(e) => tracing::warn!(error = %e, sender, "could not record the pause"),
+        }
+        self.paused.lock().unwrap().0 = None;
+    }
+
+    /// Writes the end of an attempt, retrying through a database outage for as long as
+    /// the lease lasts. If it never gets through, the lease runs out and the row is
+    /// tried again: a message may then go twice, but is never lost.
+    async fn record(&self, row: &ClaimedRow, finish: &Finish, attempt: Option<&AttemptRecord<'_>>) {
+        let write = || self.store.finish(&self.owner, row.id, finish, attempt);
+        let written = write
+            .retry(
+                retry::reconnect_backoff(Duration::from_secs(10))
+                    .with_total_delay(Some(self.cfg.lease() / 2)),
+            )
+            .notify(|e, after| {
+                tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "cannot record the outcome yet");
+            })
+            .await;
+        match written {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("the lease ran out before the outcome was recorded; another daemon owns the row now"),
+            Err(e) => tracing::error!(error = %e, "outcome not recorded; the row will be retried when its lease runs out"),
+        }
+    }
+}
+
+fn finish(status: RowStatus, error: Option<&str>, code: Option<u16>, reply: Option<&str>) -> Finish {
+    Finish {
+        status,
+        give_back: false,
+        retry_in: None,
+        error: error.map(str::to_string),
+        smtp_code: code,
+        reply: reply.map(str::to_string),
+    }
+}
+
+/// The From of pickup-folder mail when no sender is configured, so that trying the
+/// daemon out needs no settings at all.
+fn pickup_sender() -> Mailbox {
+    "TEOS Mailer <teos-mailer@localhost>".parse().expect("valid")
+}
