@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::settings::{self, Settings};
@@ -43,7 +43,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, opts: RunOptio
 
     let mut background = tokio::task::JoinSet::new();
     if let Some(pool) = store.postgres() {
-        background.spawn(listen::listen(pool.clone(), outbox_wake.clone(), settings_wake.clone()));
+        background.spawn(listen::listen(
+            pool.clone(),
+            outbox_wake.clone(),
+            settings_wake.clone(),
+        ));
     }
     background.spawn(settings::watch_settings(
         store.clone(),

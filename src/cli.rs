@@ -12,7 +12,11 @@ use crate::settings::Settings;
 use crate::store::{NewAttachment, NewMail, RelayUpdate, STATUSES, Store};
 
 #[derive(Debug, Parser)]
-#[command(name = "teos-mailer", version, about = "Delivers the e-mail TEOS Manage modules put in the outbox table")]
+#[command(
+    name = "teos-mailer",
+    version,
+    about = "Delivers the e-mail TEOS Manage modules put in the outbox table"
+)]
 pub struct Cli {
     /// A TOML file that overrides config/default.toml (TEOS_MAILER__* variables override both).
     #[arg(long, global = true, value_name = "FILE")]
@@ -139,7 +143,9 @@ pub enum SettingsCommand {
 pub async fn enqueue(store: &Store, args: EnqueueArgs) -> anyhow::Result<()> {
     let mail = if args.json {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("cannot read stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read stdin")?;
         serde_json::from_str::<NewMail>(&text).context("the JSON on stdin is not a message")?
     } else {
         if args.to.is_empty() && args.cc.is_empty() && args.bcc.is_empty() {
@@ -157,7 +163,11 @@ pub async fn enqueue(store: &Store, args: EnqueueArgs) -> anyhow::Result<()> {
             body_html: args.html,
             priority: args.priority,
             idempotency_key: args.idempotency_key,
-            attachments: args.attach.iter().map(|a| attachment(a)).collect::<Result<_, _>>()?,
+            attachments: args
+                .attach
+                .iter()
+                .map(|a| attachment(a))
+                .collect::<Result<_, _>>()?,
             ..NewMail::default()
         }
     };
@@ -176,7 +186,8 @@ fn attachment(spec: &str) -> anyhow::Result<NewAttachment> {
         None => (spec, None),
     };
     let path = PathBuf::from(path);
-    let content = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let content =
+        std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let filename = path
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -190,7 +201,9 @@ fn attachment(spec: &str) -> anyhow::Result<NewAttachment> {
 }
 
 fn guess_type(filename: &str) -> &'static str {
-    let ext = filename.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    let ext = filename
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase());
     match ext.as_deref() {
         Some("ics") => "text/calendar; method=REQUEST",
         Some("pdf") => "application/pdf",
@@ -229,7 +242,10 @@ pub async fn queue(store: &Store, command: QueueCommand) -> anyhow::Result<()> {
         }
         QueueCommand::List { status, limit } => {
             let rows = store.list(None, status.as_deref(), limit).await?;
-            println!("{:>8}  {:<9}  {:>3}  {:<14}  {:<19}  subject", "id", "status", "try", "module", "updated (UTC)");
+            println!(
+                "{:>8}  {:<9}  {:>3}  {:<14}  {:<19}  subject",
+                "id", "status", "try", "module", "updated (UTC)"
+            );
             for r in rows {
                 println!(
                     "{:>8}  {:<9}  {:>3}  {:<14}  {:<19}  {}",
@@ -259,7 +275,10 @@ pub async fn queue(store: &Store, command: QueueCommand) -> anyhow::Result<()> {
                 r.attempts,
                 r.max_attempts.map_or("default".into(), |m| m.to_string())
             );
-            println!("next attempt:    {}", r.next_attempt_at.format("%Y-%m-%d %H:%M:%S UTC"));
+            println!(
+                "next attempt:    {}",
+                r.next_attempt_at.format("%Y-%m-%d %H:%M:%S UTC")
+            );
             println!("message-id:      {}", opt(r.message_id));
             println!("idempotency key: {}", opt(r.idempotency_key));
             println!("leased by:       {}", opt(r.lease_owner));
@@ -273,7 +292,10 @@ pub async fn queue(store: &Store, command: QueueCommand) -> anyhow::Result<()> {
                     (None, None) => "-".into(),
                 }
             );
-            println!("created:         {}", r.created_at.format("%Y-%m-%d %H:%M:%S UTC"));
+            println!(
+                "created:         {}",
+                r.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+            );
             if let Some(sent) = r.sent_at {
                 println!("sent:            {}", sent.format("%Y-%m-%d %H:%M:%S UTC"));
             }
@@ -299,7 +321,9 @@ pub async fn queue(store: &Store, command: QueueCommand) -> anyhow::Result<()> {
             println!("{n} failed rows are due again");
         }
         QueueCommand::Cancel { id } => match store.cancel(id).await? {
-            0 => bail!("row {id} is not pending (it may be sending, sent or gone), so it was not cancelled"),
+            0 => bail!(
+                "row {id} is not pending (it may be sending, sent or gone), so it was not cancelled"
+            ),
             _ => println!("row {id} cancelled"),
         },
     }
@@ -315,16 +339,27 @@ pub async fn settings(store: &Store, command: SettingsCommand) -> anyhow::Result
             println!("general sender:   {}", opt(&raw.general_sender));
             println!("reception sender: {}", opt(&raw.reception_sender));
             println!("relay host:       {}", opt(&raw.relay_host));
-            println!("relay port:       {}", raw.relay_port.map_or("-".into(), |p| p.to_string()));
+            println!(
+                "relay port:       {}",
+                raw.relay_port.map_or("-".into(), |p| p.to_string())
+            );
             println!("relay security:   {}", raw.relay_security);
             println!("relay username:   {}", opt(&raw.relay_username));
             println!(
                 "relay password:   {}",
-                if raw.relay_password.is_some() { "(set)" } else { "-" }
+                if raw.relay_password.is_some() {
+                    "(set)"
+                } else {
+                    "-"
+                }
             );
-            for problem in [&s.general.as_ref().err(), &s.reception.as_ref().err(), &s.relay.as_ref().err()]
-                .into_iter()
-                .flatten()
+            for problem in [
+                &s.general.as_ref().err(),
+                &s.reception.as_ref().err(),
+                &s.relay.as_ref().err(),
+            ]
+            .into_iter()
+            .flatten()
             {
                 println!("problem: {problem}");
             }
@@ -341,10 +376,15 @@ pub async fn settings(store: &Store, command: SettingsCommand) -> anyhow::Result
         } => {
             let password = if password_stdin {
                 let mut line = String::new();
-                std::io::stdin().read_line(&mut line).context("cannot read the password from stdin")?;
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("cannot read the password from stdin")?;
                 Some(line.trim_end_matches(['\r', '\n']).to_string())
             } else if let Some(var) = password_env {
-                Some(std::env::var(&var).with_context(|| format!("environment variable {var} is not set"))?)
+                Some(
+                    std::env::var(&var)
+                        .with_context(|| format!("environment variable {var} is not set"))?,
+                )
             } else {
                 None
             };

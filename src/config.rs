@@ -130,7 +130,10 @@ impl Config {
                 self.database.max_connections < 2,
                 "database.max_connections must be at least 2",
             ),
-            (d.concurrency == 0, "delivery.concurrency must be at least 1"),
+            (
+                d.concurrency == 0,
+                "delivery.concurrency must be at least 1",
+            ),
             (
                 d.lease_secs <= d.send_timeout_secs,
                 "delivery.lease_secs must be longer than delivery.send_timeout_secs",
@@ -205,7 +208,11 @@ mod tests {
     fn lease_shorter_than_send_timeout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "[delivery]\nlease_secs = 10\nsend_timeout_secs = 30\n").unwrap();
+        std::fs::write(
+            &file,
+            "[delivery]\nlease_secs = 10\nsend_timeout_secs = 30\n",
+        )
+        .unwrap();
         let err = Config::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("lease_secs"), "{err}");
     }

@@ -51,6 +51,8 @@ pub async fn listen(pool: PgPool, outbox: Arc<Notify>, settings: Arc<Notify>) {
 
 async fn subscribe(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([OUTBOX_CHANNEL, SETTINGS_CHANNEL]).await?;
+    listener
+        .listen_all([OUTBOX_CHANNEL, SETTINGS_CHANNEL])
+        .await?;
     Ok(listener)
 }

@@ -1,10 +1,10 @@
 //! Claimed row → the exact bytes that go out. Every error here is the row's own fault
 //! and permanent: retrying cannot fix a malformed address.
 
+use lettre::Message;
 use lettre::address::Envelope;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment as AttachmentPart, Mailbox, MultiPart, SinglePart};
-use lettre::Message;
 
 use crate::store::{Attachment, ClaimedRow};
 
@@ -57,7 +57,9 @@ pub fn render(
     let cc = addresses("cc", row.cc_addrs.as_deref())?;
     let bcc = addresses("bcc", row.bcc_addrs.as_deref())?;
     if to.is_empty() && cc.is_empty() && bcc.is_empty() {
-        return Err(bad("the message has no recipient: to, cc and bcc are all empty"));
+        return Err(bad(
+            "the message has no recipient: to, cc and bcc are all empty",
+        ));
     }
     for m in to {
         builder = builder.to(m);
@@ -128,7 +130,9 @@ fn body(row: &ClaimedRow) -> Result<Body, RenderError> {
         ))),
         (Some(text), None) => Ok(Body::Single(SinglePart::plain(text))),
         (None, Some(html)) => Ok(Body::Single(SinglePart::html(html))),
-        (None, None) => Err(bad("the message has no body: body_text and body_html are both empty")),
+        (None, None) => Err(bad(
+            "the message has no body: body_text and body_html are both empty",
+        )),
     }
 }
 
@@ -140,7 +144,10 @@ fn attachment(a: &Attachment) -> Result<SinglePart, RenderError> {
         ))
     })?;
     if a.filename.trim().is_empty() || a.filename.contains(['\r', '\n']) {
-        return Err(bad(format!("attachment filename {:?} is empty or has a line break", a.filename)));
+        return Err(bad(format!(
+            "attachment filename {:?} is empty or has a line break",
+            a.filename
+        )));
     }
     Ok(AttachmentPart::new(a.filename.clone()).body(a.content.clone(), content_type))
 }
@@ -161,23 +168,32 @@ fn addresses(field: &str, json: Option<&str>) -> Result<Vec<Mailbox>, RenderErro
 
 fn mailbox(field: &str, text: &str) -> Result<Mailbox, RenderError> {
     if text.contains(['\r', '\n']) {
-        return Err(bad(format!("{field} address {text:?} contains a line break")));
+        return Err(bad(format!(
+            "{field} address {text:?} contains a line break"
+        )));
     }
-    text.trim()
-        .parse::<Mailbox>()
-        .map_err(|e| bad(format!("{field} address {text:?} is not a valid e-mail address ({e})")))
+    text.trim().parse::<Mailbox>().map_err(|e| {
+        bad(format!(
+            "{field} address {text:?} is not a valid e-mail address ({e})"
+        ))
+    })
 }
 
 fn single_line<'a>(field: &str, value: &'a str) -> Result<&'a str, RenderError> {
     if value.contains(['\r', '\n']) {
-        return Err(bad(format!("{field} contains a line break, which would inject headers")));
+        return Err(bad(format!(
+            "{field} contains a line break, which would inject headers"
+        )));
     }
     Ok(value)
 }
 
 /// A JSON object of extra headers, e.g. `{"X-TEOS-Booking": "4711"}`.
 fn extra_headers(json: Option<&str>) -> Result<Vec<HeaderValue>, RenderError> {
-    let Some(json) = json.map(str::trim).filter(|j| !j.is_empty() && *j != "null") else {
+    let Some(json) = json
+        .map(str::trim)
+        .filter(|j| !j.is_empty() && *j != "null")
+    else {
         return Ok(Vec::new());
     };
     let map: serde_json::Map<String, serde_json::Value> =
@@ -255,23 +271,40 @@ mod tests {
     fn header_injection_is_refused() {
         let mut r = row();
         r.subject = "Hi\r\nBcc: victim@example.com".into();
-        assert!(render(&r, &[], &from(), 1 << 20).unwrap_err().0.contains("line break"));
+        assert!(
+            render(&r, &[], &from(), 1 << 20)
+                .unwrap_err()
+                .0
+                .contains("line break")
+        );
         let mut r = row();
         r.headers = Some(r#"{"X-A": "1\r\nBcc: victim@example.com"}"#.into());
-        assert!(render(&r, &[], &from(), 1 << 20).unwrap_err().0.contains("line break"));
+        assert!(
+            render(&r, &[], &from(), 1 << 20)
+                .unwrap_err()
+                .0
+                .contains("line break")
+        );
     }
 
     #[test]
     fn bad_rows_say_what_is_wrong() {
-        let cases: [(&str, fn(&mut ClaimedRow)); 6] = [
+        type Change = fn(&mut ClaimedRow);
+        let cases: [(&str, Change); 6] = [
             ("no recipient", |r| {
                 r.to_addrs = "[]".into();
                 r.bcc_addrs = None;
             }),
-            ("not a JSON array", |r| r.to_addrs = "ann@example.com".into()),
-            ("not a valid e-mail address", |r| r.to_addrs = r#"["ann at example"]"#.into()),
+            ("not a JSON array", |r| {
+                r.to_addrs = "ann@example.com".into()
+            }),
+            ("not a valid e-mail address", |r| {
+                r.to_addrs = r#"["ann at example"]"#.into()
+            }),
             ("no body", |r| r.body_text = None),
-            ("set by the daemon", |r| r.headers = Some(r#"{"From": "x@y.z"}"#.into())),
+            ("set by the daemon", |r| {
+                r.headers = Some(r#"{"From": "x@y.z"}"#.into())
+            }),
             ("not a JSON object", |r| r.headers = Some("[1".into())),
         ];
         for (expected, change) in cases {

@@ -31,7 +31,10 @@ mod tests {
         for attempt in 1..=40 {
             let full = (base * 2u32.pow(attempt.min(31) - 1)).min(cap);
             let d = next_delay(attempt, base, cap);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} vs {full:?}");
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} vs {full:?}"
+            );
         }
         assert!(next_delay(3, base, cap) >= Duration::from_secs(60));
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::Mailbox;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 
 use crate::store::{SettingsRow, Store};
 
@@ -95,9 +95,10 @@ impl Settings {
 }
 
 fn sender_address(kind: &str, value: Option<&str>) -> Result<Mailbox, String> {
-    let value = value.map(str::trim).filter(|v| !v.is_empty()).ok_or_else(|| {
-        format!("no {kind} sender address is set in the mail settings")
-    })?;
+    let value = value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("no {kind} sender address is set in the mail settings"))?;
     value.parse::<Mailbox>().map_err(|e| {
         format!("the {kind} sender address {value:?} in the mail settings is not valid ({e})")
     })
@@ -114,7 +115,11 @@ fn relay(raw: &SettingsRow) -> Result<Relay, String> {
         "none" => Security::None,
         "starttls" => Security::StartTls,
         "tls" => Security::Tls,
-        other => return Err(format!("relay security {other:?} is not none, starttls or tls")),
+        other => {
+            return Err(format!(
+                "relay security {other:?} is not none, starttls or tls"
+            ));
+        }
     };
     let default_port = if security == Security::Tls { 465 } else { 587 };
     let port = match raw.relay_port {
@@ -161,14 +166,18 @@ pub async fn watch_settings(
                     "mail settings changed"
                 );
                 match store.clear_pauses().await {
-                    Ok(n) if n > 0 => tracing::info!(senders = n, "pauses lifted after the settings change"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(senders = n, "pauses lifted after the settings change")
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "could not lift the sender pauses"),
                 }
                 tx.send_replace(Arc::new(settings));
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read the mail settings; keeping the last ones"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the mail settings; keeping the last ones")
+            }
         }
     }
 }
@@ -191,17 +200,35 @@ mod tests {
 
     #[test]
     fn reception_module_defaults_to_reception_sender() {
-        assert_eq!(SenderKind::for_row("reception", None), Ok(SenderKind::Reception));
-        assert_eq!(SenderKind::for_row("catering", None), Ok(SenderKind::General));
-        assert_eq!(SenderKind::for_row("reception", Some("general")), Ok(SenderKind::General));
-        assert!(SenderKind::for_row("x", Some("boss")).unwrap_err().contains("boss"));
+        assert_eq!(
+            SenderKind::for_row("reception", None),
+            Ok(SenderKind::Reception)
+        );
+        assert_eq!(
+            SenderKind::for_row("catering", None),
+            Ok(SenderKind::General)
+        );
+        assert_eq!(
+            SenderKind::for_row("reception", Some("general")),
+            Ok(SenderKind::General)
+        );
+        assert!(
+            SenderKind::for_row("x", Some("boss"))
+                .unwrap_err()
+                .contains("boss")
+        );
     }
 
     #[test]
     fn missing_parts_are_named_and_the_password_never_printed() {
         let s = Settings::from_row(row());
         assert_eq!(s.relay.as_ref().unwrap().port, 587);
-        assert!(s.reception.as_ref().unwrap_err().contains("reception sender"));
+        assert!(
+            s.reception
+                .as_ref()
+                .unwrap_err()
+                .contains("reception sender")
+        );
         let printed = format!("{s:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
     }

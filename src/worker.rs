@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use lettre::message::Mailbox;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, field};
 
@@ -15,7 +15,7 @@ use crate::config::DeliveryConfig;
 use crate::render::{self, Rendered};
 use crate::retry;
 use crate::settings::{SenderKind, Settings};
-use crate::store::{AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
+use crate::store::{self, AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
 use crate::transport::{Outcome, Transport};
 
 /// Settings and the transport built from them; a message keeps the snapshot it started
@@ -196,6 +196,9 @@ impl Worker {
                         () = &mut shutdown => break,
                     }
                 }
+                Err(e) if store::is_contention(&e) => {
+                    tracing::debug!(error = %e, "claim collided with another daemon's; claiming again");
+                }
                 Err(e) => {
                     drop(first);
                     let delay = db_backoff
@@ -215,7 +218,11 @@ impl Worker {
         stop_tx.send_replace(true);
         let in_flight = tasks.len();
         if in_flight > 0 {
-            tracing::info!(in_flight, grace_secs = self.cfg.shutdown_grace_secs, "draining");
+            tracing::info!(
+                in_flight,
+                grace_secs = self.cfg.shutdown_grace_secs,
+                "draining"
+            );
         }
         let drained = tokio::time::timeout(self.cfg.shutdown_grace(), async {
             while tasks.join_next().await.is_some() {}
@@ -263,14 +270,24 @@ impl Worker {
             }
             let started = Instant::now();
             let (kind, outcome) = self.attempt(&row, &delivery).await;
-            self.conclude(&row, kind, outcome, started.elapsed(), delivery.transport.name())
-                .await;
+            self.conclude(
+                &row,
+                kind,
+                outcome,
+                started.elapsed(),
+                delivery.transport.name(),
+            )
+            .await;
         }
         .instrument(span)
         .await
     }
 
-    async fn attempt(&self, row: &ClaimedRow, delivery: &Delivery) -> (Option<SenderKind>, Outcome) {
+    async fn attempt(
+        &self,
+        row: &ClaimedRow,
+        delivery: &Delivery,
+    ) -> (Option<SenderKind>, Outcome) {
         let kind = match SenderKind::for_row(&row.module, row.sender.as_deref()) {
             Ok(kind) => kind,
             Err(reason) => return (None, Outcome::Permanent { reason, code: None }),
@@ -296,13 +313,15 @@ impl Worker {
     }
 
     async fn render(&self, row: &ClaimedRow, from: &Mailbox) -> Result<Rendered, Outcome> {
-        let attachments = self.store.attachments(row.id).await.map_err(|e| {
-            Outcome::Transient {
+        let attachments = self
+            .store
+            .attachments(row.id)
+            .await
+            .map_err(|e| Outcome::Transient {
                 reason: format!("cannot read the attachments: {e}"),
                 code: None,
                 retry_after: None,
-            }
-        })?;
+            })?;
         render::render(row, &attachments, from, self.cfg.max_message_bytes).map_err(|e| {
             Outcome::Permanent {
                 reason: e.0,
@@ -329,16 +348,25 @@ impl Worker {
         let (finish, detail) = match &outcome {
             Outcome::Sent { reply, .. } => {
                 tracing::info!(code, reply = %reply, took_ms, "sent");
-                (finish(RowStatus::Sent, None, code, Some(reply)), reply.clone())
+                (
+                    finish(RowStatus::Sent, None, code, Some(reply)),
+                    reply.clone(),
+                )
             }
             Outcome::Permanent { reason, .. } => {
                 tracing::warn!(code, reason = %reason, "failed for good");
-                (finish(RowStatus::Failed, Some(reason), code, None), reason.clone())
+                (
+                    finish(RowStatus::Failed, Some(reason), code, None),
+                    reason.clone(),
+                )
             }
             Outcome::Transient { reason, .. } if attempt >= max_attempts => {
                 let why = format!("gave up after {attempt} attempts; the last one: {reason}");
                 tracing::warn!(code, reason = %reason, attempt, "failed after the last attempt");
-                (finish(RowStatus::Failed, Some(&why), code, None), reason.clone())
+                (
+                    finish(RowStatus::Failed, Some(&why), code, None),
+                    reason.clone(),
+                )
             }
             Outcome::Transient {
                 reason,
@@ -408,13 +436,22 @@ impl Worker {
             .await;
         match written {
             Ok(true) => {}
-            Ok(false) => tracing::warn!("the lease ran out before the outcome was recorded; another daemon owns the row now"),
-            Err(e) => tracing::error!(error = %e, "outcome not recorded; the row will be retried when its lease runs out"),
+            Ok(false) => tracing::warn!(
+                "the lease ran out before the outcome was recorded; another daemon owns the row now"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "outcome not recorded; the row will be retried when its lease runs out")
+            }
         }
     }
 }
 
-fn finish(status: RowStatus, error: Option<&str>, code: Option<u16>, reply: Option<&str>) -> Finish {
+fn finish(
+    status: RowStatus,
+    error: Option<&str>,
+    code: Option<u16>,
+    reply: Option<&str>,
+) -> Finish {
     Finish {
         status,
         give_back: false,
@@ -428,5 +465,7 @@ fn finish(status: RowStatus, error: Option<&str>, code: Option<u16>, reply: Opti
 /// The From of pickup-folder mail when no sender is configured, so that trying the
 /// daemon out needs no settings at all.
 fn pickup_sender() -> Mailbox {
-    "TEOS Mailer <teos-mailer@localhost>".parse().expect("valid")
+    "TEOS Mailer <teos-mailer@localhost>"
+        .parse()
+        .expect("valid")
 }

@@ -15,7 +15,6 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Executor};
 
-
 use crate::config::DatabaseConfig;
 
 pub use sqlx::Error as DbError;
@@ -163,7 +162,10 @@ impl std::fmt::Debug for SettingsRow {
             .field("relay_port", &self.relay_port)
             .field("relay_security", &self.relay_security)
             .field("relay_username", &self.relay_username)
-            .field("relay_password", &self.relay_password.as_ref().map(|_| "***"))
+            .field(
+                "relay_password",
+                &self.relay_password.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }
@@ -404,8 +406,16 @@ impl Store {
         let (limit, lease_ms) = (i64::from(limit), duration_ms(lease));
         let mut rows: Vec<ClaimedRow> = match self {
             Store::MySql(pool) => {
-                mysql::claim(pool, owner, limit, lease_ms, message_id_domain, skip(0), skip(1))
-                    .await?
+                mysql::claim(
+                    pool,
+                    owner,
+                    limit,
+                    lease_ms,
+                    message_id_domain,
+                    skip(0),
+                    skip(1),
+                )
+                .await?
             }
             _ => {
                 let q = self.queries();
@@ -498,7 +508,11 @@ impl Store {
         reason: &str,
         pause: Duration,
     ) -> Result<bool, DbError> {
-        let already = self.paused_senders().await?.iter().any(|p| p.sender == sender);
+        let already = self
+            .paused_senders()
+            .await?
+            .iter()
+            .any(|p| p.sender == sender);
         let q = self.queries();
         with_pool!(self, pool => sqlx::query(q.pause)
             .bind(sender)
@@ -535,7 +549,10 @@ impl Store {
         }
         let json = |v: &Vec<String>| (!v.is_empty()).then(|| serde_json::json!(v).to_string());
         let to = serde_json::json!(mail.to).to_string();
-        let headers = mail.headers.as_ref().map(|h| serde_json::Value::Object(h.clone()).to_string());
+        let headers = mail
+            .headers
+            .as_ref()
+            .map(|h| serde_json::Value::Object(h.clone()).to_string());
         let q = self.queries();
         let inserted: Result<i64, DbError> = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
@@ -596,7 +613,11 @@ impl Store {
             .fetch_one(pool)
             .await?);
         let pauses = self.paused_senders().await?;
-        Ok(Stats { by_status, oldest_due_secs, pauses })
+        Ok(Stats {
+            by_status,
+            oldest_due_secs,
+            pauses,
+        })
     }
 
     /// Newest first. `id` selects one row.
@@ -677,6 +698,14 @@ fn q_attachment(store: &Store) -> &'static str {
             "INSERT INTO mail_attachment (outbox_id, filename, content_type, content) VALUES (?, ?, ?, ?)"
         }
     }
+}
+
+/// A deadlock or serialization failure: another daemon got there first. Harmless for a
+/// claim, which simply runs again.
+pub fn is_contention(e: &DbError) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "40001" || code == "40P01")
 }
 
 fn duration_ms(d: Duration) -> i64 {

@@ -14,7 +14,11 @@ macro_rules! now {
 /// Now plus the milliseconds in parameter `$p`.
 macro_rules! now_plus_ms {
     ($p:literal) => {
-        concat!("strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (", $p, " / 1000.0) || ' seconds')")
+        concat!(
+            "strftime('%Y-%m-%d %H:%M:%f', 'now', '+' || (",
+            $p,
+            " / 1000.0) || ' seconds')"
+        )
     };
 }
 

@@ -20,7 +20,9 @@ pub struct RelayTransport {
 
 impl std::fmt::Debug for RelayTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayTransport").field("server", &self.server).finish()
+        f.debug_struct("RelayTransport")
+            .field("server", &self.server)
+            .finish()
     }
 }
 

@@ -15,12 +15,21 @@ fn teos(db: &TestDb, args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[tokio::test]
@@ -29,7 +38,11 @@ async fn bad_configuration_exits_78_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("teos.toml");
     std::fs::write(&file, "[delivery]\nconcurency = 4\n").unwrap();
-    let out = teos(&db, &["--config", file.to_str().unwrap(), "queue", "stats"], "");
+    let out = teos(
+        &db,
+        &["--config", file.to_str().unwrap(), "queue", "stats"],
+        "",
+    );
     assert_eq!(out.status.code(), Some(78));
     assert!(text(&out).contains("concurency"), "{}", text(&out));
 }
@@ -39,17 +52,35 @@ async fn relay_password_comes_from_stdin_and_is_never_shown() {
     let db = TestDb::new(Dialect::Sqlite).await;
     let out = teos(
         &db,
-        &["settings", "set-relay", "--host", "relay.contoso.test", "--port", "25", "--security", "none",
-          "--username", "teos", "--password-stdin", "--general-sender", "teos@contoso.test"],
+        &[
+            "settings",
+            "set-relay",
+            "--host",
+            "relay.contoso.test",
+            "--port",
+            "25",
+            "--security",
+            "none",
+            "--username",
+            "teos",
+            "--password-stdin",
+            "--general-sender",
+            "teos@contoso.test",
+        ],
         "s3cr3t-Pa55\n",
     );
     assert!(out.status.success(), "{}", text(&out));
     let out = teos(&db, &["settings", "show"], "");
     let shown = text(&out);
-    assert!(shown.contains("relay.contoso.test") && shown.contains("(set)"), "{shown}");
+    assert!(
+        shown.contains("relay.contoso.test") && shown.contains("(set)"),
+        "{shown}"
+    );
     assert!(!shown.contains("s3cr3t"), "{shown}");
     assert!(shown.contains("no reception sender address"), "{shown}");
-    let stored = db.count("SELECT COUNT(*) FROM mail_settings WHERE relay_password = 's3cr3t-Pa55'").await;
+    let stored = db
+        .count("SELECT COUNT(*) FROM mail_settings WHERE relay_password = 's3cr3t-Pa55'")
+        .await;
     assert_eq!(stored, 1);
 }
 
@@ -63,7 +94,11 @@ async fn enqueue_json_then_cancel_retry_and_show() {
     assert!(text(&out).contains("queued as 1"), "{}", text(&out));
     let out = teos(&db, &["enqueue", "--json"], doc);
     assert!(text(&out).contains("already queued as 1"), "{}", text(&out));
-    assert_eq!(db.count("SELECT COUNT(*) FROM mail_attachment WHERE length(content) = 17").await, 1);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM mail_attachment WHERE length(content) = 17")
+            .await,
+        1
+    );
 
     let out = teos(&db, &["queue", "cancel", "1"], "");
     assert!(out.status.success());
@@ -74,7 +109,10 @@ async fn enqueue_json_then_cancel_retry_and_show() {
     assert!(text(&out).contains("due again"), "{}", text(&out));
     let out = teos(&db, &["queue", "show", "1"], "");
     let shown = text(&out);
-    assert!(shown.contains("status:          pending") && shown.contains("Lunch for 12"), "{shown}");
+    assert!(
+        shown.contains("status:          pending") && shown.contains("Lunch for 12"),
+        "{shown}"
+    );
     let out = teos(&db, &["queue", "show", "7"], "");
     assert!(text(&out).contains("there is no outbox row 7"));
 }

@@ -14,7 +14,10 @@ fn spawn_daemon(db: &TestDb, lease_secs: u64, extra: &[(&str, &str)]) -> Child {
         .env("TEOS_MAILER__DATABASE__URL", &db.url)
         .env("TEOS_MAILER__DELIVERY__POLL_INTERVAL_MS", "100")
         .env("TEOS_MAILER__DELIVERY__LEASE_SECS", lease_secs.to_string())
-        .env("TEOS_MAILER__DELIVERY__SEND_TIMEOUT_SECS", (lease_secs - 1).to_string())
+        .env(
+            "TEOS_MAILER__DELIVERY__SEND_TIMEOUT_SECS",
+            (lease_secs - 1).to_string(),
+        )
         .env("TEOS_MAILER__DELIVERY__MESSAGE_ID_DOMAIN", "teos.test")
         .env("TEOS_MAILER__LOG__LEVEL", "warn")
         .env_remove("RUST_LOG")
@@ -28,13 +31,19 @@ fn spawn_daemon(db: &TestDb, lease_secs: u64, extra: &[(&str, &str)]) -> Child {
 }
 
 fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "daemon did not stop on SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -62,21 +71,38 @@ async fn three_daemons_drain_2000_rows_exactly_once(dialect: Dialect) {
     let mut daemons: Vec<Child> = (0..3).map(|_| spawn_daemon(&db, 30, &[])).collect();
 
     let all_sent = eventually(Duration::from_secs(180), || async {
-        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'").await == 2000
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+            .await
+            == 2000
     })
     .await;
     for d in &mut daemons {
-        assert!(terminate(d).success(), "SIGTERM ends the daemon with status 0");
+        assert!(
+            terminate(d).success(),
+            "SIGTERM ends the daemon with status 0"
+        );
     }
     assert!(all_sent, "all 2000 rows sent");
 
     let got = smtp.received();
     assert_eq!(got.len(), 2000, "each row arrived once, no duplicates");
-    let ids: BTreeSet<String> = got.iter().filter_map(|(_, eml)| header(eml, "Message-ID")).collect();
+    let ids: BTreeSet<String> = got
+        .iter()
+        .filter_map(|(_, eml)| header(eml, "Message-ID"))
+        .collect();
     assert_eq!(ids.len(), 2000, "2000 distinct Message-IDs");
-    assert_eq!(db.count("SELECT COUNT(*) FROM mail_outbox WHERE attempts <> 1").await, 0);
-    let workers = db.count("SELECT COUNT(DISTINCT daemon) FROM mail_attempt").await;
-    assert!(workers >= 2, "the work was shared ({workers} daemon did it all)");
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE attempts <> 1")
+            .await,
+        0
+    );
+    let workers = db
+        .count("SELECT COUNT(DISTINCT daemon) FROM mail_attempt")
+        .await;
+    assert!(
+        workers >= 2,
+        "the work was shared ({workers} daemon did it all)"
+    );
     db.cleanup().await;
 }
 
@@ -98,29 +124,42 @@ async fn killed_daemon_rows_are_taken_over(dialect: Dialect) {
     insert_rows(&db, 12, "slow4000@example.com").await;
     let mut first = spawn_daemon(&db, 6, &[("TEOS_MAILER__DELIVERY__CONCURRENCY", "4")]);
     let busy = eventually(Duration::from_secs(15), || async {
-        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sending'").await > 0
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sending'")
+            .await
+            > 0
     })
     .await;
     assert!(busy, "the first daemon claimed rows");
     first.kill().unwrap();
     first.wait().unwrap();
-    let stranded = db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sending'").await;
+    let stranded = db
+        .count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sending'")
+        .await;
     assert!(stranded > 0);
 
     let mut second = spawn_daemon(&db, 6, &[("TEOS_MAILER__DELIVERY__CONCURRENCY", "12")]);
     let all_sent = eventually(Duration::from_secs(60), || async {
-        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'").await == 12
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+            .await
+            == 12
     })
     .await;
     assert!(terminate(&mut second).success());
     assert!(all_sent, "every row sent after the lease ran out");
-    let taken_over = db.count("SELECT COUNT(*) FROM mail_outbox WHERE attempts >= 2").await;
-    assert!(taken_over >= stranded, "{taken_over} rows retried, {stranded} were stranded");
+    let taken_over = db
+        .count("SELECT COUNT(*) FROM mail_outbox WHERE attempts >= 2")
+        .await;
+    assert!(
+        taken_over >= stranded,
+        "{taken_over} rows retried, {stranded} were stranded"
+    );
 
     // At least once: every row arrived, duplicates only for rows cut off mid-send.
     let mut per_id: HashMap<String, usize> = HashMap::new();
     for (_, eml) in smtp.received() {
-        *per_id.entry(header(&eml, "Message-ID").unwrap()).or_default() += 1;
+        *per_id
+            .entry(header(&eml, "Message-ID").unwrap())
+            .or_default() += 1;
     }
     assert_eq!(per_id.len(), 12);
     let duplicates: usize = per_id.values().map(|n| n - 1).sum();

@@ -20,13 +20,28 @@ on_every_db!(
 async fn claims_are_exclusive_and_expired_leases_come_back(db: &TestDb) {
     let store = db.store().await;
     for i in 0..5 {
-        store.enqueue(&mail("ann@example.com", &format!("m{i}"))).await.unwrap();
+        store
+            .enqueue(&mail("ann@example.com", &format!("m{i}")))
+            .await
+            .unwrap();
     }
     let lease = Duration::from_millis(300);
-    let a = store.claim("daemon-a", 10, lease, "teos.test", &[]).await.unwrap();
+    let a = store
+        .claim("daemon-a", 10, lease, "teos.test", &[])
+        .await
+        .unwrap();
     assert_eq!(a.len(), 5);
-    assert!(a.iter().all(|r| r.attempts == 1 && r.message_id.ends_with("@teos.test>")));
-    assert!(store.claim("daemon-b", 10, lease, "teos.test", &[]).await.unwrap().is_empty());
+    assert!(
+        a.iter()
+            .all(|r| r.attempts == 1 && r.message_id.ends_with("@teos.test>"))
+    );
+    assert!(
+        store
+            .claim("daemon-b", 10, lease, "teos.test", &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A daemon that no longer holds the lease cannot write the outcome.
     let sent = Finish {
@@ -37,26 +52,52 @@ async fn claims_are_exclusive_and_expired_leases_come_back(db: &TestDb) {
         smtp_code: Some(250),
         reply: Some("ok".into()),
     };
-    assert!(!store.finish("daemon-b", a[0].id, &sent, None).await.unwrap());
+    assert!(
+        !store
+            .finish("daemon-b", a[0].id, &sent, None)
+            .await
+            .unwrap()
+    );
 
     // daemon-a "dies": after the lease its rows are due again, same Message-ID.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(store.reap_expired(10).await.unwrap(), 5);
-    let b = store.claim("daemon-b", 10, lease, "teos.test", &[]).await.unwrap();
+    let b = store
+        .claim("daemon-b", 10, lease, "teos.test", &[])
+        .await
+        .unwrap();
     assert_eq!(b.len(), 5);
     for row in &b {
         let before = a.iter().find(|r| r.id == row.id).unwrap();
         assert_eq!(row.message_id, before.message_id);
         assert_eq!(row.attempts, 2);
     }
-    assert!(!store.finish("daemon-a", b[0].id, &sent, None).await.unwrap());
-    assert!(store.finish("daemon-b", b[0].id, &sent, None).await.unwrap());
-    assert_eq!(db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'").await, 1);
+    assert!(
+        !store
+            .finish("daemon-a", b[0].id, &sent, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .finish("daemon-b", b[0].id, &sent, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+            .await,
+        1
+    );
 
     // A row whose daemon keeps dying is failed once its attempts are used up.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(store.reap_expired(2).await.unwrap(), 4);
-    assert_eq!(db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'failed'").await, 4);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'failed'")
+            .await,
+        4
+    );
     store.close().await;
 }
 
@@ -76,7 +117,10 @@ async fn idempotency_key_gives_one_row(db: &TestDb) {
 async fn given_back_claims_spend_no_attempt(db: &TestDb) {
     let store = db.store().await;
     let (id, _) = store.enqueue(&mail("ann@example.com", "x")).await.unwrap();
-    let rows = store.claim("d", 1, Duration::from_secs(60), "teos.test", &[]).await.unwrap();
+    let rows = store
+        .claim("d", 1, Duration::from_secs(60), "teos.test", &[])
+        .await
+        .unwrap();
     let back = Finish {
         status: RowStatus::Pending,
         give_back: true,
@@ -110,9 +154,15 @@ async fn priority_and_not_before_order_the_claims(db: &TestDb) {
          VALUES ('[\"ann@example.com\"]', 'scheduled', 'x', 0, {later})"
     ))
     .await;
-    let first = store.claim("d", 1, Duration::from_secs(60), "t", &[]).await.unwrap();
+    let first = store
+        .claim("d", 1, Duration::from_secs(60), "t", &[])
+        .await
+        .unwrap();
     assert_eq!(first[0].id, high_id);
-    let rest = store.claim("d", 10, Duration::from_secs(60), "t", &[]).await.unwrap();
+    let rest = store
+        .claim("d", 10, Duration::from_secs(60), "t", &[])
+        .await
+        .unwrap();
     assert_eq!(rest.len(), 1, "the scheduled row is not due yet");
     assert_eq!(rest[0].subject, "report");
     store.close().await;
@@ -120,22 +170,47 @@ async fn priority_and_not_before_order_the_claims(db: &TestDb) {
 
 async fn paused_senders_are_skipped(db: &TestDb) {
     let store = db.store().await;
-    store.enqueue(&mail("ann@example.com", "general mail")).await.unwrap();
+    store
+        .enqueue(&mail("ann@example.com", "general mail"))
+        .await
+        .unwrap();
     let mut visitor = mail("guest@example.com", "your visitor is here");
     visitor.module = Some("reception".into());
     store.enqueue(&visitor).await.unwrap();
 
-    assert!(store.pause_sender("general", "wrong password", Duration::from_secs(60)).await.unwrap());
-    assert!(!store.pause_sender("general", "wrong password", Duration::from_secs(60)).await.unwrap());
-    let paused: Vec<String> = store.paused_senders().await.unwrap().into_iter().map(|p| p.sender).collect();
+    assert!(
+        store
+            .pause_sender("general", "wrong password", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .pause_sender("general", "wrong password", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let paused: Vec<String> = store
+        .paused_senders()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.sender)
+        .collect();
     assert_eq!(paused, ["general"]);
     let paused: Vec<&str> = paused.iter().map(String::as_str).collect();
-    let rows = store.claim("d", 10, Duration::from_secs(60), "t", &paused).await.unwrap();
+    let rows = store
+        .claim("d", 10, Duration::from_secs(60), "t", &paused)
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].module, "reception");
 
     assert_eq!(store.clear_pauses().await.unwrap(), 1);
-    let rows = store.claim("d", 10, Duration::from_secs(60), "t", &[]).await.unwrap();
+    let rows = store
+        .claim("d", 10, Duration::from_secs(60), "t", &[])
+        .await
+        .unwrap();
     assert_eq!(rows[0].subject, "general mail");
     let stats = store.stats().await.unwrap();
     assert!(stats.by_status.contains(&("sending".to_string(), 2)));
@@ -144,17 +219,24 @@ async fn paused_senders_are_skipped(db: &TestDb) {
 
 /// The INSERTs the README gives module developers, run as they are written there.
 async fn module_inserts_from_the_readme_are_delivered_shape(db: &TestDb) {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let tag = match db.dialect {
         Dialect::Postgres => "```sql postgres",
         Dialect::MySql => "```sql mysql",
         Dialect::Sqlite => "```sql sqlite",
     };
-    let start = readme.find(tag).unwrap_or_else(|| panic!("README has a {tag} block")) + tag.len();
+    let start = readme
+        .find(tag)
+        .unwrap_or_else(|| panic!("README has a {tag} block"))
+        + tag.len();
     let block = &readme[start..start + readme[start..].find("```").unwrap()];
     db.exec(block).await;
     let store = db.store().await;
-    let rows = store.claim("d", 10, Duration::from_secs(60), "t", &[]).await.unwrap();
+    let rows = store
+        .claim("d", 10, Duration::from_secs(60), "t", &[])
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 1, "the README example inserts one due message");
     let atts = store.attachments(rows[0].id).await.unwrap();
     assert_eq!(atts.len(), 1);

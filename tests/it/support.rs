@@ -44,15 +44,22 @@ impl TestDb {
         let name = unique("teos_t");
         let (url, dir) = match dialect {
             Dialect::Postgres => {
-                let mut admin = sqlx::PgConnection::connect(PG_ADMIN).await.expect("PostgreSQL at 127.0.0.1:5432");
+                let mut admin = sqlx::PgConnection::connect(PG_ADMIN)
+                    .await
+                    .expect("PostgreSQL at 127.0.0.1:5432");
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
                     .execute(&mut admin)
                     .await
                     .unwrap();
-                (format!("{PG_ADMIN}?options=-c%20search_path%3D{name}"), None)
+                (
+                    format!("{PG_ADMIN}?options=-c%20search_path%3D{name}"),
+                    None,
+                )
             }
             Dialect::MySql => {
-                let mut admin = sqlx::MySqlConnection::connect(MYSQL_ADMIN).await.expect("MariaDB at 127.0.0.1:3306");
+                let mut admin = sqlx::MySqlConnection::connect(MYSQL_ADMIN)
+                    .await
+                    .expect("MariaDB at 127.0.0.1:3306");
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
                     .execute(&mut admin)
                     .await
@@ -65,7 +72,12 @@ impl TestDb {
                 (url, Some(dir))
             }
         };
-        let db = TestDb { dialect, url, name, _dir: dir };
+        let db = TestDb {
+            dialect,
+            url,
+            name,
+            _dir: dir,
+        };
         db.store().await.migrate().await.unwrap();
         db
     }
@@ -95,12 +107,16 @@ impl TestDb {
             Dialect::Postgres => {
                 let mut admin = sqlx::PgConnection::connect(PG_ADMIN).await.unwrap();
                 let sql = format!("DROP SCHEMA {} CASCADE", self.name);
-                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await;
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut admin)
+                    .await;
             }
             Dialect::MySql => {
                 let mut admin = sqlx::MySqlConnection::connect(MYSQL_ADMIN).await.unwrap();
                 let sql = format!("DROP DATABASE {}", self.name);
-                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await;
+                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut admin)
+                    .await;
             }
             Dialect::Sqlite => {}
         }
@@ -202,7 +218,12 @@ pub async fn worker(db: &TestDb, cfg: &Config) -> Arc<Worker> {
     // The sender side lives as long as the test: settings changes go through `tx`.
     std::mem::forget(tx);
     let _ = db;
-    Arc::new(Worker::new(store, cfg.delivery.clone(), rx, Arc::new(Notify::new())))
+    Arc::new(Worker::new(
+        store,
+        cfg.delivery.clone(),
+        rx,
+        Arc::new(Notify::new()),
+    ))
 }
 
 /// A peer process from tests/peers: started with its flags, ready once it printed its
@@ -247,7 +268,10 @@ impl Peer {
         let mut names: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .unwrap()
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_stem().is_some_and(|s| s != "stats"))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "json")
+                    && p.file_stem().is_some_and(|s| s != "stats")
+            })
             .collect();
         names.sort();
         names
