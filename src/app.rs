@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::token::TokenManager;
+use crate::transport;
 use crate::settings::{self, Settings};
 use crate::store::Store;
 use crate::worker::Worker;
@@ -26,16 +28,25 @@ pub struct RunOptions {
 }
 
 /// Runs the daemon until `shutdown` resolves. Returns early only if `shutdown` does
-/// before the database is reachable.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, opts: RunOptions) {
+/// before the database is reachable, or at once for a configuration it cannot use.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    opts: RunOptions,
+) -> Result<(), ConfigError> {
+    let ctx = transport::Context::new(&cfg.delivery, &cfg.microsoft365).map_err(ConfigError)?;
+    let tokens = TokenManager::new(
+        ctx.http.clone(),
+        Duration::from_secs(cfg.microsoft365.token_refresh_margin_secs),
+    );
     tokio::pin!(shutdown);
     let store = tokio::select! {
         store = connect_and_migrate(&cfg) => store,
-        () = &mut shutdown => return,
+        () = &mut shutdown => return Ok(()),
     };
     let first = tokio::select! {
         s = until_ok("read the mail settings", || store.load_settings()) => s,
-        () = &mut shutdown => return,
+        () = &mut shutdown => return Ok(()),
     };
     let (settings_tx, settings_rx) = watch::channel(Arc::new(Settings::from_row(first)));
     let outbox_wake = Arc::new(Notify::new());
@@ -59,7 +70,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, opts: RunOptio
 
     let worker = Arc::new(Worker::new(
         store.clone(),
-        cfg.delivery.clone(),
+        ctx,
+        tokens.clone(),
         settings_rx,
         outbox_wake,
     ));
@@ -75,7 +87,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, opts: RunOptio
     systemd::notify("STOPPING=1");
     background.shutdown().await;
     store.close().await;
-    tracing::info!("stopped");
+    tracing::info!(token_requests = tokens.requests(), "stopped");
+    Ok(())
 }
 
 /// Connects and applies the migrations, waiting through any outage with a capped backoff.

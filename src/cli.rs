@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
 use crate::settings::Settings;
-use crate::store::{NewAttachment, NewMail, RelayUpdate, STATUSES, Store};
+use crate::store::{NewAttachment, NewMail, OAuthUpdate, RelayUpdate, STATUSES, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +113,14 @@ pub enum SecurityArg {
     Tls,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// Microsoft Graph sendMail (Mail.Send application permission).
+    Graph,
+    /// SMTP AUTH XOAUTH2 (SMTP.SendAsApp, Exchange service principal).
+    Smtp,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum SettingsCommand {
     /// The mail settings, secrets masked.
@@ -138,6 +146,55 @@ pub enum SettingsCommand {
         #[arg(long)]
         reception_sender: Option<String>,
     },
+    /// Deliver through Microsoft 365 with an Entra ID app. The client secret is read from
+    /// stdin or a variable; values not given keep what is stored.
+    SetOauth {
+        #[arg(long, value_enum, default_value = "graph")]
+        mode: ModeArg,
+        /// Directory (tenant) ID.
+        #[arg(long)]
+        tenant_id: Option<String>,
+        /// Application (client) ID.
+        #[arg(long)]
+        client_id: Option<String>,
+        /// Read the client secret from the first line of stdin.
+        #[arg(long, conflicts_with = "secret_env")]
+        secret_stdin: bool,
+        /// Read the client secret from this environment variable.
+        #[arg(long, value_name = "VAR")]
+        secret_env: Option<String>,
+        #[arg(long)]
+        smtp_host: Option<String>,
+        #[arg(long)]
+        smtp_port: Option<u16>,
+        /// login.microsoftonline.com, a sovereign cloud's, or a full URL.
+        #[arg(long)]
+        authority_host: Option<String>,
+        #[arg(long)]
+        graph_base_url: Option<String>,
+        #[arg(long)]
+        general_sender: Option<String>,
+        #[arg(long)]
+        reception_sender: Option<String>,
+        /// Turn OAuth off again (the relay delivers).
+        #[arg(long)]
+        disable: bool,
+    },
+}
+
+/// A secret from the first line of stdin, or from an environment variable.
+fn read_secret(stdin: bool, env: Option<String>, what: &str) -> anyhow::Result<Option<String>> {
+    if stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .with_context(|| format!("cannot read the {what} from stdin"))?;
+        Ok(Some(line.trim_end_matches(['\r', '\n']).to_string()))
+    } else if let Some(var) = env {
+        Ok(Some(std::env::var(&var).with_context(|| format!("environment variable {var} is not set"))?))
+    } else {
+        Ok(None)
+    }
 }
 
 pub async fn enqueue(store: &Store, args: EnqueueArgs) -> anyhow::Result<()> {
@@ -405,6 +462,45 @@ pub async fn settings(store: &Store, command: SettingsCommand) -> anyhow::Result
                 })
                 .await?;
             println!("relay settings saved; running daemons pick them up within seconds");
+        }
+        SettingsCommand::SetOauth {
+            mode,
+            tenant_id,
+            client_id,
+            secret_stdin,
+            secret_env,
+            smtp_host,
+            smtp_port,
+            authority_host,
+            graph_base_url,
+            general_sender,
+            reception_sender,
+            disable,
+        } => {
+            let secret = read_secret(secret_stdin, secret_env, "client secret")?;
+            store
+                .set_oauth(&OAuthUpdate {
+                    enabled: !disable,
+                    mode: match mode {
+                        ModeArg::Graph => "graph".into(),
+                        ModeArg::Smtp => "smtp".into(),
+                    },
+                    tenant_id,
+                    client_id,
+                    client_secret: secret.map(SecretString::from),
+                    smtp_host,
+                    smtp_port,
+                    authority_host,
+                    graph_base_url,
+                    general_sender,
+                    reception_sender,
+                })
+                .await?;
+            let s = Settings::from_row(store.load_settings().await?);
+            match &s.oauth {
+                Ok(_) => println!("Microsoft 365 settings saved; running daemons pick them up within seconds"),
+                Err(why) => println!("saved, but mail will wait: {why}"),
+            }
         }
     }
     Ok(())

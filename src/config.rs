@@ -16,6 +16,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub struct Config {
     pub database: DatabaseConfig,
     pub delivery: DeliveryConfig,
+    pub microsoft365: Microsoft365Config,
     pub log: LogConfig,
 }
 
@@ -56,6 +57,18 @@ pub struct DeliveryConfig {
     pub max_message_bytes: u64,
     pub message_id_domain: String,
     pub retention_days: u32,
+    pub extra_ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Microsoft365Config {
+    pub token_refresh_margin_secs: u64,
+    pub smtp_sessions_per_mailbox: u32,
+    pub graph_requests_per_mailbox: u32,
+    pub messages_per_minute: u32,
+    pub throttle_pause_secs: u64,
+    pub http_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -75,7 +88,7 @@ pub struct LogConfig {
 /// A configuration that cannot be used; the binary exits with status 78 (EX_CONFIG).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ConfigError(String);
+pub struct ConfigError(pub String);
 
 impl Config {
     /// Reads the layers and checks the result.
@@ -153,6 +166,15 @@ impl Config {
             (
                 d.retry_base_secs == 0 || d.retry_cap_secs < d.retry_base_secs,
                 "delivery.retry_base_secs must be above 0 and at most retry_cap_secs",
+            ),
+            (
+                self.microsoft365.smtp_sessions_per_mailbox == 0
+                    || self.microsoft365.graph_requests_per_mailbox == 0,
+                "microsoft365.smtp_sessions_per_mailbox and graph_requests_per_mailbox must be at least 1",
+            ),
+            (
+                !d.extra_ca_file.as_os_str().is_empty() && !d.extra_ca_file.is_file(),
+                "delivery.extra_ca_file names a file that does not exist",
             ),
         ];
         match problems.iter().find(|(bad, _)| *bad) {

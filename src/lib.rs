@@ -15,5 +15,6 @@ pub mod settings;
 pub mod store;
 pub mod systemd;
 pub mod telemetry;
+pub mod token;
 pub mod transport;
 pub mod worker;

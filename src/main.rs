@@ -6,7 +6,7 @@ use clap::Parser;
 use secrecy::ExposeSecret;
 use teos_mailer::app::{self, RunOptions};
 use teos_mailer::cli::{self, Cli, Command};
-use teos_mailer::config::Config;
+use teos_mailer::config::{Config, ConfigError};
 use teos_mailer::store::Store;
 use teos_mailer::telemetry;
 
@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         .expect("the tokio runtime starts");
     match runtime.block_on(dispatch(cli.command, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<ConfigError>() => {
+            eprintln!("teos-mailer: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
         Err(e) => {
             eprintln!("teos-mailer: {e:#}");
             ExitCode::FAILURE
@@ -38,7 +42,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
     if let Command::Run { until_idle } = command {
-        app::run(cfg, shutdown_signal(), RunOptions { until_idle }).await;
+        app::run(cfg, shutdown_signal(), RunOptions { until_idle }).await?;
         return Ok(());
     }
     let store = Store::connect(&cfg.database).await.map_err(|e| {

@@ -66,6 +66,29 @@ impl std::fmt::Debug for Password {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthMode {
+    /// Microsoft Graph sendMail with the Mail.Send application permission.
+    Graph,
+    /// SMTP AUTH XOAUTH2 with an app token (SMTP.SendAsApp).
+    Smtp,
+}
+
+/// An Entra ID app registration that sends as the configured mailboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth {
+    pub mode: OAuthMode,
+    pub tenant: String,
+    pub client_id: String,
+    pub secret: Password,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// `https://login.microsoftonline.com`, a sovereign cloud's, or a test server's.
+    pub authority: String,
+    /// `https://graph.microsoft.com` without a trailing slash.
+    pub graph: String,
+}
+
 /// A checked snapshot of the settings row. Each part that is wrong says why, in words an
 /// admin can act on; mail that needs it waits instead of failing.
 #[derive(Debug, Clone)]
@@ -74,6 +97,8 @@ pub struct Settings {
     pub general: Result<Mailbox, String>,
     pub reception: Result<Mailbox, String>,
     pub relay: Result<Relay, String>,
+    /// `Ok(None)`: OAuth is off and the relay delivers.
+    pub oauth: Result<Option<OAuth>, String>,
 }
 
 impl Settings {
@@ -82,6 +107,7 @@ impl Settings {
             general: sender_address("general", raw.general_sender.as_deref()),
             reception: sender_address("reception", raw.reception_sender.as_deref()),
             relay: relay(&raw),
+            oauth: oauth(&raw),
             raw,
         }
     }
@@ -144,6 +170,74 @@ fn relay(raw: &SettingsRow) -> Result<Relay, String> {
     })
 }
 
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn is_domain(s: &str) -> bool {
+    s.contains('.')
+        && s.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+}
+
+fn oauth(raw: &SettingsRow) -> Result<Option<OAuth>, String> {
+    if !raw.oauth_enabled {
+        return Ok(None);
+    }
+    let mode = match raw.oauth_mode.as_str() {
+        "graph" => OAuthMode::Graph,
+        "smtp" => OAuthMode::Smtp,
+        "smtp-delegated" => {
+            return Err("OAuth mode smtp-delegated needs a mailbox sign-in, which this version cannot do yet; choose graph or smtp".into());
+        }
+        other => return Err(format!("OAuth mode {other:?} is not graph or smtp")),
+    };
+    let field = |v: &Option<String>, what: &str| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .ok_or(format!("OAuth is enabled but no {what} is set in the mail settings"))
+    };
+    let tenant = field(&raw.tenant_id, "tenant ID (Directory ID)")?;
+    if !is_guid(&tenant) && !is_domain(&tenant) {
+        return Err(format!(
+            "the tenant ID {tenant:?} is neither a GUID like 72f988bf-86f1-41af-91ab-2d7cd011db47 nor a domain like contoso.onmicrosoft.com; copy the Directory (tenant) ID from the app's overview page in Entra ID"
+        ));
+    }
+    let client_id = field(&raw.client_id, "client ID (Application ID)")?;
+    if !is_guid(&client_id) {
+        return Err(format!(
+            "the client ID {client_id:?} is not a GUID; copy the Application (client) ID from the app's overview page in Entra ID"
+        ));
+    }
+    let secret = field(&raw.client_secret, "client secret")?;
+    if is_guid(&secret) {
+        return Err("the client secret looks like a Secret ID (a GUID); paste the secret's Value from Certificates & secrets instead".into());
+    }
+    let smtp_port = u16::try_from(raw.oauth_smtp_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(format!("OAuth SMTP port {} is not a port number", raw.oauth_smtp_port))?;
+    let authority = raw.authority_host.trim().trim_end_matches('/');
+    let authority = if authority.contains("://") {
+        authority.to_string()
+    } else {
+        format!("https://{authority}")
+    };
+    Ok(Some(OAuth {
+        mode,
+        tenant,
+        client_id,
+        secret: Password(secret),
+        smtp_host: raw.oauth_smtp_host.trim().to_string(),
+        smtp_port,
+        authority,
+        graph: raw.graph_base_url.trim().trim_end_matches('/').to_string(),
+    }))
+}
+
 /// Keeps `tx` up to date with the settings row: looks every `every`, and at once when
 /// `wake` fires (PostgreSQL NOTIFY). A failed look keeps the last good settings.
 pub async fn watch_settings(
@@ -195,6 +289,15 @@ mod tests {
             relay_security: "starttls".into(),
             relay_username: Some("teos".into()),
             relay_password: Some("hunter2".into()),
+            oauth_enabled: false,
+            oauth_mode: "graph".into(),
+            tenant_id: None,
+            client_id: None,
+            client_secret: None,
+            oauth_smtp_host: "smtp.office365.com".into(),
+            oauth_smtp_port: 587,
+            authority_host: "login.microsoftonline.com".into(),
+            graph_base_url: "https://graph.microsoft.com/".into(),
         }
     }
 
@@ -231,5 +334,35 @@ mod tests {
         );
         let printed = format!("{s:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
+    }
+
+    #[test]
+    fn oauth_values_an_admin_may_paste_wrong_are_explained() {
+        let mut r = row();
+        r.oauth_enabled = true;
+        r.tenant_id = Some("contoso.onmicrosoft.com".into());
+        r.client_id = Some("6731de76-14a6-49ae-97bc-6eba6914391e".into());
+        r.client_secret = Some("Abc8Q~verysecretvalue".into());
+        let o = Settings::from_row(r.clone()).oauth.unwrap().unwrap();
+        assert_eq!(o.authority, "https://login.microsoftonline.com");
+        assert_eq!(o.graph, "https://graph.microsoft.com");
+        assert!(!format!("{o:?}").contains("verysecret"));
+
+        let cases = [
+            ("tenant", "not a tenant", "neither a GUID"),
+            ("client", "my-app", "not a GUID"),
+            ("secret", "2d1f7a56-0c3e-4b8f-9a41-7c2e9d0b1f34", "Secret ID"),
+            ("secret", "", "no client secret"),
+        ];
+        for (field, value, expected) in cases {
+            let mut bad = r.clone();
+            match field {
+                "tenant" => bad.tenant_id = Some(value.into()),
+                "client" => bad.client_id = Some(value.into()),
+                _ => bad.client_secret = Some(value.into()),
+            }
+            let err = Settings::from_row(bad).oauth.unwrap_err();
+            assert!(err.contains(expected), "{field}: {err}");
+        }
     }
 }

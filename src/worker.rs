@@ -13,10 +13,11 @@ use tracing::{Instrument, field};
 
 use crate::config::DeliveryConfig;
 use crate::render::{self, Rendered};
+use crate::token::{TokenError, TokenManager};
 use crate::retry;
 use crate::settings::{SenderKind, Settings};
 use crate::store::{self, AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
-use crate::transport::{Outcome, Transport};
+use crate::transport::{Context, Outcome, Transport};
 
 /// Settings and the transport built from them; a message keeps the snapshot it started
 /// with, so a settings change never disturbs mail in flight.
@@ -28,6 +29,8 @@ pub struct Delivery {
 pub struct Worker {
     store: Store,
     cfg: DeliveryConfig,
+    ctx: Context,
+    tokens: Arc<TokenManager>,
     /// This daemon's name in lease_owner: host, pid and a random part, so that two
     /// daemons on one host (or one restarted) never mistake each other's leases.
     owner: String,
@@ -55,10 +58,12 @@ pub struct Pass {
 impl Worker {
     pub fn new(
         store: Store,
-        cfg: DeliveryConfig,
+        ctx: Context,
+        tokens: Arc<TokenManager>,
         settings: watch::Receiver<Arc<Settings>>,
         wake: Arc<Notify>,
     ) -> Worker {
+        let cfg = ctx.delivery.clone();
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
@@ -71,12 +76,14 @@ impl Worker {
         let first = settings.borrow().clone();
         Worker {
             delivery: Mutex::new(Arc::new(Delivery {
-                transport: Transport::build(&first, &cfg),
+                transport: Transport::build(&first, &ctx),
                 settings: first,
             })),
             settings: Mutex::new(settings),
             store,
             cfg,
+            ctx,
+            tokens,
             owner,
             message_id_domain,
             wake,
@@ -94,8 +101,15 @@ impl Worker {
         let mut current = self.delivery.lock().unwrap();
         if rx.has_changed().unwrap_or(false) {
             let settings = rx.borrow_and_update().clone();
+            let app = |s: &Settings| {
+                s.oauth.as_ref().ok().cloned().flatten().map(|o| (o.authority, o.tenant, o.client_id, o.secret))
+            };
+            if app(&settings) != app(&current.settings) {
+                // Another app, tenant or secret: tokens of the old one are worthless.
+                self.tokens.clear();
+            }
             *current = Arc::new(Delivery {
-                transport: Transport::build(&settings, &self.cfg),
+                transport: Transport::build(&settings, &self.ctx),
                 settings,
             });
         }
@@ -308,8 +322,38 @@ impl Worker {
             Ok(r) => r,
             Err(outcome) => return (Some(kind), outcome),
         };
-        let outcome = delivery.transport.send(&rendered).await;
-        (Some(kind), outcome)
+        (Some(kind), self.send(&rendered, delivery).await)
+    }
+
+    /// Sends with a token where the transport needs one. A refused token is dropped
+    /// and a fresh one tried once; refused again, the settings are at fault.
+    async fn send(&self, rendered: &Rendered, delivery: &Delivery) -> Outcome {
+        let Some(key) = delivery.transport.token_key(&delivery.settings) else {
+            return delivery.transport.send(rendered, None).await;
+        };
+        let Ok(Some(oauth)) = &delivery.settings.oauth else {
+            return delivery.transport.send(rendered, None).await;
+        };
+        for first_try in [true, false] {
+            let token = match self.tokens.token(&key, &oauth.secret).await {
+                Ok(token) => token,
+                Err(TokenError::Transient(reason)) => {
+                    return Outcome::Transient { reason, code: None, retry_after: None };
+                }
+                Err(TokenError::Configuration(reason)) => {
+                    return Outcome::Configuration { reason, code: None };
+                }
+            };
+            match delivery.transport.send(rendered, Some(&token)).await {
+                Outcome::TokenRejected { reason, .. } if first_try => {
+                    tracing::info!(reason = %reason, "token refused; fetching a new one and trying once more");
+                    self.tokens.invalidate(&key, &token);
+                }
+                Outcome::TokenRejected { reason, code } => return Outcome::Configuration { reason, code },
+                outcome => return outcome,
+            }
+        }
+        unreachable!("the second try always returns")
     }
 
     async fn render(&self, row: &ClaimedRow, from: &Mailbox) -> Result<Rendered, Outcome> {
@@ -385,9 +429,26 @@ impl Worker {
                 f.retry_in = Some(delay);
                 (f, reason.clone())
             }
-            Outcome::Configuration { reason, .. } => {
+            Outcome::Configuration { reason, .. } | Outcome::TokenRejected { reason, .. } => {
                 let sender = kind.map_or("*", SenderKind::as_str);
-                self.pause(sender, reason).await;
+                if self.pause(sender, reason, self.cfg.config_recheck()).await {
+                    tracing::error!(
+                        sender,
+                        reason = %reason,
+                        recheck_in_secs = self.cfg.config_recheck_secs,
+                        "sender paused: its mail waits until the mail settings are fixed"
+                    );
+                }
+                let mut f = finish(RowStatus::Pending, Some(reason), code, None);
+                f.give_back = true;
+                (f, reason.clone())
+            }
+            Outcome::Throttled { reason, retry_after, .. } => {
+                let sender = kind.map_or("*", SenderKind::as_str);
+                let pause = retry_after.unwrap_or(Duration::from_secs(self.ctx.microsoft365.throttle_pause_secs));
+                if self.pause(sender, reason, pause).await {
+                    tracing::warn!(sender, code, reason = %reason, pause_secs = pause.as_secs(), "mailbox throttled: backing off");
+                }
                 let mut f = finish(RowStatus::Pending, Some(reason), code, None);
                 f.give_back = true;
                 (f, reason.clone())
@@ -404,20 +465,18 @@ impl Worker {
         self.record(row, &finish, Some(&record)).await;
     }
 
-    /// Pauses a sender after a configuration failure, and says why once.
-    async fn pause(&self, sender: &str, reason: &str) {
-        let recheck = self.cfg.config_recheck();
-        match self.store.pause_sender(sender, reason, recheck).await {
-            Ok(true) => tracing::error!(
-                sender,
-                reason,
-                recheck_in_secs = recheck.as_secs(),
-                "sender paused: mail waits until the mail settings are fixed"
-            ),
-            Ok(false) => tracing::debug!(sender, "sender still paused"),
-            Err(e) => tracing::warn!(error = %e, sender, "could not record the pause"),
-        }
+    /// Pauses a sender for `pause`. True when it was not paused yet, so that the caller
+    /// logs the reason once, not once per message.
+    async fn pause(&self, sender: &str, reason: &str, pause: Duration) -> bool {
+        let new = match self.store.pause_sender(sender, reason, pause).await {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(error = %e, sender, "could not record the pause");
+                false
+            }
+        };
         self.paused.lock().unwrap().0 = None;
+        new
     }
 
     /// Writes the end of an attempt, retrying through a database outage for as long as

@@ -55,6 +55,7 @@ pub(crate) struct Queries {
     retry_failed: &'static str,
     cancel: &'static str,
     set_relay: &'static str,
+    set_oauth: &'static str,
     /// () → seconds since the oldest due pending row was due
     oldest_due_secs: &'static str,
 }
@@ -151,6 +152,15 @@ pub struct SettingsRow {
     pub relay_security: String,
     pub relay_username: Option<String>,
     pub relay_password: Option<String>,
+    pub oauth_enabled: bool,
+    pub oauth_mode: String,
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub oauth_smtp_host: String,
+    pub oauth_smtp_port: i32,
+    pub authority_host: String,
+    pub graph_base_url: String,
 }
 
 impl std::fmt::Debug for SettingsRow {
@@ -177,6 +187,21 @@ pub struct RelayUpdate {
     pub security: String,
     pub username: Option<String>,
     pub password: Option<SecretString>,
+    pub general_sender: Option<String>,
+    pub reception_sender: Option<String>,
+}
+
+/// What `settings set-oauth` writes; `None` keeps the stored value.
+pub struct OAuthUpdate {
+    pub enabled: bool,
+    pub mode: String,
+    pub tenant_id: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<SecretString>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    pub authority_host: Option<String>,
+    pub graph_base_url: Option<String>,
     pub general_sender: Option<String>,
     pub reception_sender: Option<String>,
 }
@@ -669,7 +694,9 @@ impl Store {
 
     pub async fn load_settings(&self) -> Result<SettingsRow, DbError> {
         let sql = "SELECT general_sender, reception_sender, relay_host, relay_port, relay_security, \
-                   relay_username, relay_password FROM mail_settings WHERE id = 1";
+                   relay_username, relay_password, oauth_enabled, oauth_mode, tenant_id, client_id, \
+                   client_secret, oauth_smtp_host, oauth_smtp_port, authority_host, graph_base_url \
+                   FROM mail_settings WHERE id = 1";
         with_pool!(self, pool => sqlx::query_as(sql).fetch_one(pool).await)
     }
 
@@ -683,6 +710,27 @@ impl Store {
             .bind(relay.password.as_ref().map(|p| p.expose_secret()))
             .bind(relay.general_sender.as_deref())
             .bind(relay.reception_sender.as_deref())
+            .execute(pool)
+            .await
+            .map(|_| ()))
+    }
+}
+
+impl Store {
+    pub async fn set_oauth(&self, o: &OAuthUpdate) -> Result<(), DbError> {
+        let q = self.queries();
+        with_pool!(self, pool => sqlx::query(q.set_oauth)
+            .bind(o.enabled)
+            .bind(&o.mode)
+            .bind(o.tenant_id.as_deref())
+            .bind(o.client_id.as_deref())
+            .bind(o.client_secret.as_ref().map(|s| s.expose_secret()))
+            .bind(o.smtp_host.as_deref())
+            .bind(o.smtp_port.map(i32::from))
+            .bind(o.authority_host.as_deref())
+            .bind(o.graph_base_url.as_deref())
+            .bind(o.general_sender.as_deref())
+            .bind(o.reception_sender.as_deref())
             .execute(pool)
             .await
             .map(|_| ()))

@@ -74,6 +74,17 @@ pub(super) const QUERIES: Queries = Queries {
             relay_password = ?, general_sender = COALESCE(?, general_sender),
             reception_sender = COALESCE(?, reception_sender), updated_at = UTC_TIMESTAMP(6)
         WHERE id = 1",
+    set_oauth: "
+        UPDATE mail_settings
+        SET oauth_enabled = ?, oauth_mode = ?, tenant_id = COALESCE(?, tenant_id),
+            client_id = COALESCE(?, client_id), client_secret = COALESCE(?, client_secret),
+            oauth_smtp_host = COALESCE(?, oauth_smtp_host),
+            oauth_smtp_port = COALESCE(?, oauth_smtp_port),
+            authority_host = COALESCE(?, authority_host),
+            graph_base_url = COALESCE(?, graph_base_url),
+            general_sender = COALESCE(?, general_sender),
+            reception_sender = COALESCE(?, reception_sender), updated_at = UTC_TIMESTAMP(6)
+        WHERE id = 1",
     oldest_due_secs: "
         SELECT CAST(TIMESTAMPDIFF(SECOND, MIN(next_attempt_at), UTC_TIMESTAMP(6)) AS SIGNED)
         FROM mail_outbox WHERE status = 'pending' AND next_attempt_at <= UTC_TIMESTAMP(6)",

@@ -94,6 +94,17 @@ pub(super) const QUERIES: Queries = Queries {
             relay_password = $5, general_sender = COALESCE($6, general_sender),
             reception_sender = COALESCE($7, reception_sender), updated_at = now()
         WHERE id = 1",
+    set_oauth: "
+        UPDATE mail_settings
+        SET oauth_enabled = $1, oauth_mode = $2, tenant_id = COALESCE($3, tenant_id),
+            client_id = COALESCE($4, client_id), client_secret = COALESCE($5, client_secret),
+            oauth_smtp_host = COALESCE($6, oauth_smtp_host),
+            oauth_smtp_port = COALESCE($7, oauth_smtp_port),
+            authority_host = COALESCE($8, authority_host),
+            graph_base_url = COALESCE($9, graph_base_url),
+            general_sender = COALESCE($10, general_sender),
+            reception_sender = COALESCE($11, reception_sender), updated_at = now()
+        WHERE id = 1",
     oldest_due_secs: "
         SELECT CAST(EXTRACT(EPOCH FROM now() - MIN(next_attempt_at)) AS BIGINT)
         FROM mail_outbox WHERE status = 'pending' AND next_attempt_at <= now()",

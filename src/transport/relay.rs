@@ -27,15 +27,11 @@ impl std::fmt::Debug for RelayTransport {
 }
 
 impl RelayTransport {
-    pub fn new(relay: &Relay, cfg: &DeliveryConfig) -> Result<RelayTransport, String> {
-        let tls = |host: &str| {
-            TlsParameters::new(host.to_string())
-                .map_err(|e| format!("TLS for relay {host} cannot be set up: {e}"))
-        };
+    pub fn new(relay: &Relay, cfg: &DeliveryConfig, tls: TlsParameters) -> Result<RelayTransport, String> {
         let tls = match relay.security {
             Security::None => Tls::None,
-            Security::StartTls => Tls::Required(tls(&relay.host)?),
-            Security::Tls => Tls::Wrapper(tls(&relay.host)?),
+            Security::StartTls => Tls::Required(tls),
+            Security::Tls => Tls::Wrapper(tls),
         };
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&relay.host)
             .port(relay.port)

@@ -51,7 +51,7 @@ async fn delivers_headers_bodies_and_attachments_intact(db: &TestDb) {
     };
     let store = db.store().await;
     let (id, _) = store.enqueue(&booking).await.unwrap();
-    let w = worker(db, &db.config()).await;
+    let w = worker(&db.config()).await;
     assert_eq!(w.run_once().await.unwrap().claimed, 1);
 
     let got = smtp.wait_for(1, Duration::from_secs(5)).await;
@@ -121,7 +121,7 @@ async fn transient_failure_retries_with_the_same_message_id(db: &TestDb) {
         .enqueue(&mail("tempfail-once@example.com", "retry me"))
         .await
         .unwrap();
-    let w = worker(db, &db.config()).await;
+    let w = worker(&db.config()).await;
     w.run_once().await.unwrap();
 
     let row = &store.list(Some(id), None, 1).await.unwrap()[0];
@@ -172,7 +172,7 @@ async fn permanent_rejection_fails_with_the_reason(db: &TestDb) {
         .unwrap();
     let mut cfg = db.config();
     cfg.delivery.max_attempts = 5;
-    worker(db, &cfg).await.run_once().await.unwrap();
+    worker(&cfg).await.run_once().await.unwrap();
     let row = &store.list(Some(id), None, 1).await.unwrap()[0];
     assert_eq!(
         (row.status.as_str(), row.attempts, row.last_smtp_code),
@@ -241,7 +241,7 @@ async fn bad_rows_fail_with_reasons_and_the_rest_goes(db: &TestDb) {
         .unwrap();
     let mut cfg = db.config();
     cfg.delivery.max_message_bytes = 4000;
-    worker(db, &cfg).await.run_once().await.unwrap();
+    worker(&cfg).await.run_once().await.unwrap();
 
     let got = smtp.wait_for(1, Duration::from_secs(5)).await;
     assert_eq!(got.len(), 1);
@@ -316,6 +316,7 @@ async fn wrong_relay_password_pauses_until_the_settings_are_fixed(db: &TestDb) {
     stop_tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), daemon)
         .await
+        .unwrap()
         .unwrap()
         .unwrap();
     let row = &store.list(Some(id), None, 1).await.unwrap()[0];

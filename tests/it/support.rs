@@ -13,6 +13,8 @@ use sqlx::Connection;
 use teos_mailer::config::{Config, TransportKind};
 use teos_mailer::settings::Settings;
 use teos_mailer::store::{NewMail, RelayUpdate, Store};
+use teos_mailer::token::TokenManager;
+use teos_mailer::transport::Context;
 use teos_mailer::worker::Worker;
 use tokio::sync::{Notify, watch};
 
@@ -210,20 +212,15 @@ pub fn mail(to: &str, subject: &str) -> NewMail {
     }
 }
 
-/// A worker in this process, driven by `run_once` or `run`.
-pub async fn worker(db: &TestDb, cfg: &Config) -> Arc<Worker> {
+/// A worker in this process, driven by `run_once`, with the settings as stored now.
+pub async fn worker(cfg: &Config) -> Arc<Worker> {
     let store = Store::connect(&cfg.database).await.unwrap();
     let settings = Settings::from_row(store.load_settings().await.unwrap());
-    let (tx, rx) = watch::channel(Arc::new(settings));
-    // The sender side lives as long as the test: settings changes go through `tx`.
-    std::mem::forget(tx);
-    let _ = db;
-    Arc::new(Worker::new(
-        store,
-        cfg.delivery.clone(),
-        rx,
-        Arc::new(Notify::new()),
-    ))
+    let (_, rx) = watch::channel(Arc::new(settings));
+    let ctx = Context::new(&cfg.delivery, &cfg.microsoft365).unwrap();
+    let margin = Duration::from_secs(cfg.microsoft365.token_refresh_margin_secs);
+    let tokens = TokenManager::new(ctx.http.clone(), margin);
+    Arc::new(Worker::new(store, ctx, tokens, rx, Arc::new(Notify::new())))
 }
 
 /// A peer process from tests/peers: started with its flags, ready once it printed its

@@ -74,16 +74,27 @@ def free_port(host: str) -> int:
 
 
 def make_cert(rundir: str) -> tuple[str, str]:
+    """A test CA (tls-ca.pem, for the client to trust) and a server certificate it signed
+    for localhost, 127.0.0.1 and 127.0.0.2."""
     cert = os.path.join(rundir, "tls-cert.pem")
     key = os.path.join(rundir, "tls-key.pem")
-    if not (os.path.exists(cert) and os.path.exists(key)):
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-days", "3650", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2",
-             "-keyout", key, "-out", cert],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+    ca = os.path.join(rundir, "tls-ca.pem")
+    ca_key = os.path.join(rundir, "tls-ca-key.pem")
+    csr = os.path.join(rundir, "tls.csr")
+    ext = os.path.join(rundir, "tls-ext.cnf")
+    if not (os.path.exists(cert) and os.path.exists(key) and os.path.exists(ca)):
+        def run(*args: str) -> None:
+            subprocess.run(list(args), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        run("openssl", "req", "-x509", *ec, "-days", "3650", "-subj", "/CN=teos-mailer test CA",
+            "-keyout", ca_key, "-out", ca)
+        run("openssl", "req", "-new", *ec, "-subj", "/CN=localhost", "-keyout", key, "-out", csr)
+        with open(ext, "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+                    "extendedKeyUsage=serverAuth\n"
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2\n")
+        run("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+            "-days", "3650", "-extfile", ext, "-out", cert)
     return cert, key
 
 
