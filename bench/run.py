@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -46,6 +47,8 @@ PG_BODY = f"repeat(repeat('0123456789', 7) || 'abcdef' || chr(10), {BODY_LINES})
 SAMPLE_EVERY = 0.05  # RSS sampling period, seconds
 CPU_SCAN_EVERY = 0.25  # period of the /proc scan for database backends, seconds
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z\s*")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 TARGET_RAW_FRACTION = 0.50
@@ -617,11 +620,18 @@ class Bench:
         return d
 
     def daemon_problems(self, d: Daemon, name: str) -> list[str]:
-        lines = [l for l in d.log_lines() if l.strip()]
+        """Summarises what the daemon logged at level warn: kinds of line, counted."""
+        lines = [ANSI.sub("", l).strip() for l in d.log_lines()]
+        lines = [l for l in lines if l]
         if lines:
-            distinct = list(dict.fromkeys(lines))
-            self.note(f"{name}: teos-mailer wrote {len(lines)} line(s) at level warn, e.g.: "
-                      + " | ".join(x[:300] for x in distinct[:3]))
+            kinds: dict[str, list] = {}
+            for line in lines:
+                text = TIMESTAMP.sub("", line)
+                key = re.sub(r"\d+(\.\d+)?", "N", text)[:90]
+                kinds.setdefault(key, [0, text])[0] += 1
+            top = sorted(kinds.values(), key=lambda kv: -kv[0])[:3]
+            self.note(f"{name}: teos-mailer wrote {len(lines)} line(s) at level warn: "
+                      + "; ".join(f"{n}× `{text[:220]}`" for n, text in top))
         return lines
 
     def prepare(self, t: Target, rows: int) -> float:
@@ -754,6 +764,9 @@ class Bench:
             label = "postgres backends" if kind == "PostgreSQL" else "mariadbd (whole server)"
             cpu_parts.append(f"{label} {statistics.median(r.cpu['db_cpu_s'] for r in runs):.2f}")
         cpu_parts.append(f"smtp-sink {statistics.median(r.cpu.get('sink_cpu_s', 0) for r in runs):.2f}")
+        others = statistics.median(r.cpu["machine_cpu_s"] - r.daemon_cpu_s - r.cpu.get("db_cpu_s", 0)
+                                   - r.cpu.get("sink_cpu_s", 0) for r in runs)
+        cpu_parts.append(f"everything else {max(0.0, others):.2f}")
         cpu_parts.append(f"whole machine {statistics.median(r.cpu['machine_cpu_s'] for r in runs):.2f} "
                          f"({statistics.median(r.cpu['machine_cores_busy'] for r in runs):.2f} of {os.cpu_count()} cores busy)")
         self.row(f"{kind}: CPU seconds per drain (median)", ", ".join(cpu_parts), "—",

@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Config, ConfigError};
-use crate::token::TokenManager;
-use crate::transport;
 use crate::settings::{self, Settings};
 use crate::store::Store;
+use crate::token::TokenManager;
+use crate::transport;
 use crate::worker::Worker;
 use crate::{listen, retry, systemd};
 

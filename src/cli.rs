@@ -191,7 +191,9 @@ fn read_secret(stdin: bool, env: Option<String>, what: &str) -> anyhow::Result<O
             .with_context(|| format!("cannot read the {what} from stdin"))?;
         Ok(Some(line.trim_end_matches(['\r', '\n']).to_string()))
     } else if let Some(var) = env {
-        Ok(Some(std::env::var(&var).with_context(|| format!("environment variable {var} is not set"))?))
+        Ok(Some(std::env::var(&var).with_context(|| {
+            format!("environment variable {var} is not set")
+        })?))
     } else {
         Ok(None)
     }
@@ -498,7 +500,9 @@ pub async fn settings(store: &Store, command: SettingsCommand) -> anyhow::Result
                 .await?;
             let s = Settings::from_row(store.load_settings().await?);
             match &s.oauth {
-                Ok(_) => println!("Microsoft 365 settings saved; running daemons pick them up within seconds"),
+                Ok(_) => println!(
+                    "Microsoft 365 settings saved; running daemons pick them up within seconds"
+                ),
                 Err(why) => println!("saved, but mail will wait: {why}"),
             }
         }

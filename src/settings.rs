@@ -173,12 +173,16 @@ fn relay(raw: &SettingsRow) -> Result<Relay, String> {
 fn is_guid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
-        && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn is_domain(s: &str) -> bool {
     s.contains('.')
-        && s.split('.').all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
 }
 
 fn oauth(raw: &SettingsRow) -> Result<Option<OAuth>, String> {
@@ -198,7 +202,9 @@ fn oauth(raw: &SettingsRow) -> Result<Option<OAuth>, String> {
             .map(str::trim)
             .filter(|v| !v.is_empty())
             .map(str::to_string)
-            .ok_or(format!("OAuth is enabled but no {what} is set in the mail settings"))
+            .ok_or(format!(
+                "OAuth is enabled but no {what} is set in the mail settings"
+            ))
     };
     let tenant = field(&raw.tenant_id, "tenant ID (Directory ID)")?;
     if !is_guid(&tenant) && !is_domain(&tenant) {
@@ -219,7 +225,10 @@ fn oauth(raw: &SettingsRow) -> Result<Option<OAuth>, String> {
     let smtp_port = u16::try_from(raw.oauth_smtp_port)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or(format!("OAuth SMTP port {} is not a port number", raw.oauth_smtp_port))?;
+        .ok_or(format!(
+            "OAuth SMTP port {} is not a port number",
+            raw.oauth_smtp_port
+        ))?;
     let authority = raw.authority_host.trim().trim_end_matches('/');
     let authority = if authority.contains("://") {
         authority.to_string()
@@ -351,7 +360,11 @@ mod tests {
         let cases = [
             ("tenant", "not a tenant", "neither a GUID"),
             ("client", "my-app", "not a GUID"),
-            ("secret", "2d1f7a56-0c3e-4b8f-9a41-7c2e9d0b1f34", "Secret ID"),
+            (
+                "secret",
+                "2d1f7a56-0c3e-4b8f-9a41-7c2e9d0b1f34",
+                "Secret ID",
+            ),
             ("secret", "", "no client secret"),
         ];
         for (field, value, expected) in cases {

@@ -69,7 +69,9 @@ impl AccessToken {
 
 impl std::fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessToken").field("expires_at", &self.expires_at).finish_non_exhaustive()
+        f.debug_struct("AccessToken")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,15 +94,22 @@ struct Entry {
 
 impl Entry {
     fn usable(&self) -> Option<AccessToken> {
-        self.current.lock().unwrap().clone().filter(AccessToken::usable)
+        self.current
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(AccessToken::usable)
     }
 }
+
+/// A token's entry and its background refresh, once started.
+type Cached = (Arc<Entry>, Option<AbortHandle>);
 
 pub struct TokenManager {
     http: reqwest::Client,
     /// Refresh this long before a token expires (plus up to a minute of jitter).
     margin: Duration,
-    entries: Mutex<HashMap<TokenKey, (Arc<Entry>, Option<AbortHandle>)>>,
+    entries: Mutex<HashMap<TokenKey, Cached>>,
     /// Token requests sent, for logs and benchmarks.
     requests: AtomicU64,
 }
@@ -180,7 +189,9 @@ impl TokenManager {
     /// Starts the background refresh of `key`, once.
     fn keep_fresh(self: &Arc<Self>, key: &TokenKey, entry: &Arc<Entry>) {
         let mut entries = self.entries.lock().unwrap();
-        let Some((current, refresher)) = entries.get_mut(key) else { return };
+        let Some((current, refresher)) = entries.get_mut(key) else {
+            return;
+        };
         if refresher.is_some() || !Arc::ptr_eq(current, entry) {
             return;
         }
@@ -191,11 +202,15 @@ impl TokenManager {
     async fn refresh_loop(self: Arc<Self>, key: TokenKey, entry: Arc<Entry>) {
         loop {
             let due = match entry.current.lock().unwrap().as_ref() {
-                Some(t) => t.expires_at.checked_sub(self.lead(t.lifetime)).unwrap_or_else(Instant::now),
+                Some(t) => t
+                    .expires_at
+                    .checked_sub(self.lead(t.lifetime))
+                    .unwrap_or_else(Instant::now),
                 None => Instant::now(),
             };
             tokio::time::sleep_until(due).await;
-            let mut backoff = backon::BackoffBuilder::build(retry::reconnect_backoff(REFRESH_RETRY_CAP));
+            let mut backoff =
+                backon::BackoffBuilder::build(retry::reconnect_backoff(REFRESH_RETRY_CAP));
             loop {
                 let result = {
                     let _one_at_a_time = entry.fetching.lock().await;
@@ -203,7 +218,11 @@ impl TokenManager {
                 };
                 match result {
                     Ok(token) => {
-                        tracing::debug!(scope = key.scope, lifetime_secs = token.lifetime.as_secs(), "token refreshed");
+                        tracing::debug!(
+                            scope = key.scope,
+                            lifetime_secs = token.lifetime.as_secs(),
+                            "token refreshed"
+                        );
                         *entry.current.lock().unwrap() = Some(token);
                         break;
                     }
@@ -221,13 +240,19 @@ impl TokenManager {
     /// How long before expiry to refresh: the margin plus jitter, but never in the
     /// first half of a token's life (short-lived tokens in tests, odd endpoints).
     fn lead(&self, lifetime: Duration) -> Duration {
-        let jitter = Duration::from_secs(60).mul_f64(fastrand::f64()).min(lifetime / 8);
+        let jitter = Duration::from_secs(60)
+            .mul_f64(fastrand::f64())
+            .min(lifetime / 8);
         (self.margin + jitter).min(lifetime / 2)
     }
 
     async fn fetch(&self, key: &TokenKey, secret: &Password) -> Result<AccessToken, TokenError> {
-        let url = TokenUrl::new(key.url())
-            .map_err(|e| TokenError::Configuration(format!("the token endpoint {} is not a valid URL: {e}", key.url())))?;
+        let url = TokenUrl::new(key.url()).map_err(|e| {
+            TokenError::Configuration(format!(
+                "the token endpoint {} is not a valid URL: {e}",
+                key.url()
+            ))
+        })?;
         let client = BasicClient::new(ClientId::new(key.client_id.clone()))
             .set_client_secret(ClientSecret::new(secret.0.clone()))
             .set_auth_type(AuthType::RequestBody)
@@ -245,7 +270,11 @@ impl TokenManager {
         if let Some(why) = missing_permission(&secret, key.scope) {
             return Err(TokenError::Configuration(why));
         }
-        tracing::info!(scope = key.scope, lifetime_secs = lifetime.as_secs(), "token obtained");
+        tracing::info!(
+            scope = key.scope,
+            lifetime_secs = lifetime.as_secs(),
+            "token obtained"
+        );
         Ok(AccessToken {
             secret,
             expires_at: started + lifetime,
@@ -289,9 +318,10 @@ fn classify(e: &TokenRequestError, key: &TokenKey) -> TokenError {
                 )),
             }
         }
-        RequestTokenError::Request(e) => {
-            TokenError::Transient(format!("cannot reach the token endpoint {}: {e}", key.authority))
-        }
+        RequestTokenError::Request(e) => TokenError::Transient(format!(
+            "cannot reach the token endpoint {}: {e}",
+            key.authority
+        )),
         RequestTokenError::Parse(_, body) => TokenError::Transient(format!(
             "the token endpoint {} gave an unreadable answer ({} bytes)",
             key.authority,
@@ -313,13 +343,25 @@ fn aadsts(description: &str) -> Option<u32> {
 /// What an admin should do about an Entra ID error, in the TEOS admin's words.
 fn advice(code: u32) -> Option<&'static str> {
     Some(match code {
-        7000215 => "the client secret is wrong. Paste the secret's Value (not its Secret ID) from Entra ID > App registrations > the app > Certificates & secrets",
-        7000222 => "the client secret has expired. Create a new client secret under Certificates & secrets and paste its Value into the TEOS mail settings",
-        700016 => "there is no application with this client ID in the tenant. Check the Application (client) ID and the Directory (tenant) ID",
+        7000215 => {
+            "the client secret is wrong. Paste the secret's Value (not its Secret ID) from Entra ID > App registrations > the app > Certificates & secrets"
+        }
+        7000222 => {
+            "the client secret has expired. Create a new client secret under Certificates & secrets and paste its Value into the TEOS mail settings"
+        }
+        700016 => {
+            "there is no application with this client ID in the tenant. Check the Application (client) ID and the Directory (tenant) ID"
+        }
         90002 => "the tenant does not exist. Check the Directory (tenant) ID",
-        900023 | 90013 => "the tenant ID is not valid. Copy the Directory (tenant) ID from the app's overview page",
-        65001 => "an administrator has not granted consent. Grant admin consent for the app's API permissions (Mail.Send for Graph, SMTP.SendAsApp for SMTP)",
-        7000112 => "the application is disabled. Enable it in Entra ID > Enterprise applications, or use another app",
+        900023 | 90013 => {
+            "the tenant ID is not valid. Copy the Directory (tenant) ID from the app's overview page"
+        }
+        65001 => {
+            "an administrator has not granted consent. Grant admin consent for the app's API permissions (Mail.Send for Graph, SMTP.SendAsApp for SMTP)"
+        }
+        7000112 => {
+            "the application is disabled. Enable it in Entra ID > Enterprise applications, or use another app"
+        }
         1002012 | 70011 => "the requested scope is not valid for this app",
         _ => return None,
     })
@@ -334,7 +376,11 @@ fn missing_permission(token: &str, scope: &str) -> Option<String> {
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let has_roles = claims["roles"].as_array().is_some_and(|r| !r.is_empty());
-    let needed = if scope == GRAPH_SCOPE { "Mail.Send" } else { "SMTP.SendAsApp" };
+    let needed = if scope == GRAPH_SCOPE {
+        "Mail.Send"
+    } else {
+        "SMTP.SendAsApp"
+    };
     (!has_roles).then(|| {
         format!(
             "the app's token carries no application permission: add the {needed} application permission to the app and have an administrator grant admin consent"
@@ -348,7 +394,10 @@ mod tests {
 
     #[test]
     fn aadsts_codes_become_advice() {
-        assert_eq!(aadsts("AADSTS7000215: Invalid client secret provided."), Some(7000215));
+        assert_eq!(
+            aadsts("AADSTS7000215: Invalid client secret provided."),
+            Some(7000215)
+        );
         assert_eq!(aadsts("nothing here"), None);
         assert!(advice(7000222).unwrap().contains("expired"));
     }
@@ -376,7 +425,11 @@ mod tests {
         let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
         let without = format!("{}.{}.sig", enc("{}"), enc(r#"{"aud":"x"}"#));
         let with = format!("{}.{}.sig", enc("{}"), enc(r#"{"roles":["Mail.Send"]}"#));
-        assert!(missing_permission(&without, GRAPH_SCOPE).unwrap().contains("Mail.Send"));
+        assert!(
+            missing_permission(&without, GRAPH_SCOPE)
+                .unwrap()
+                .contains("Mail.Send")
+        );
         assert!(missing_permission(&with, GRAPH_SCOPE).is_none());
         assert!(missing_permission("opaque-token", SMTP_SCOPE).is_none());
     }

@@ -13,10 +13,10 @@ use tracing::{Instrument, field};
 
 use crate::config::DeliveryConfig;
 use crate::render::{self, Rendered};
-use crate::token::{TokenError, TokenManager};
 use crate::retry;
 use crate::settings::{SenderKind, Settings};
 use crate::store::{self, AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
+use crate::token::{TokenError, TokenManager};
 use crate::transport::{Context, Outcome, Transport};
 
 /// Settings and the transport built from them; a message keeps the snapshot it started
@@ -102,7 +102,12 @@ impl Worker {
         if rx.has_changed().unwrap_or(false) {
             let settings = rx.borrow_and_update().clone();
             let app = |s: &Settings| {
-                s.oauth.as_ref().ok().cloned().flatten().map(|o| (o.authority, o.tenant, o.client_id, o.secret))
+                s.oauth
+                    .as_ref()
+                    .ok()
+                    .cloned()
+                    .flatten()
+                    .map(|o| (o.authority, o.tenant, o.client_id, o.secret))
             };
             if app(&settings) != app(&current.settings) {
                 // Another app, tenant or secret: tokens of the old one are worthless.
@@ -338,7 +343,11 @@ impl Worker {
             let token = match self.tokens.token(&key, &oauth.secret).await {
                 Ok(token) => token,
                 Err(TokenError::Transient(reason)) => {
-                    return Outcome::Transient { reason, code: None, retry_after: None };
+                    return Outcome::Transient {
+                        reason,
+                        code: None,
+                        retry_after: None,
+                    };
                 }
                 Err(TokenError::Configuration(reason)) => {
                     return Outcome::Configuration { reason, code: None };
@@ -349,7 +358,9 @@ impl Worker {
                     tracing::info!(reason = %reason, "token refused; fetching a new one and trying once more");
                     self.tokens.invalidate(&key, &token);
                 }
-                Outcome::TokenRejected { reason, code } => return Outcome::Configuration { reason, code },
+                Outcome::TokenRejected { reason, code } => {
+                    return Outcome::Configuration { reason, code };
+                }
                 outcome => return outcome,
             }
         }
@@ -443,9 +454,15 @@ impl Worker {
                 f.give_back = true;
                 (f, reason.clone())
             }
-            Outcome::Throttled { reason, retry_after, .. } => {
+            Outcome::Throttled {
+                reason,
+                retry_after,
+                ..
+            } => {
                 let sender = kind.map_or("*", SenderKind::as_str);
-                let pause = retry_after.unwrap_or(Duration::from_secs(self.ctx.microsoft365.throttle_pause_secs));
+                let pause = retry_after.unwrap_or(Duration::from_secs(
+                    self.ctx.microsoft365.throttle_pause_secs,
+                ));
                 if self.pause(sender, reason, pause).await {
                     tracing::warn!(sender, code, reason = %reason, pause_secs = pause.as_secs(), "mailbox throttled: backing off");
                 }

@@ -26,7 +26,12 @@ pub struct GraphTransport {
 }
 
 impl GraphTransport {
-    pub fn new(http: reqwest::Client, base: &str, requests: u32, per_minute: u32) -> GraphTransport {
+    pub fn new(
+        http: reqwest::Client,
+        base: &str,
+        requests: u32,
+        per_minute: u32,
+    ) -> GraphTransport {
         GraphTransport {
             http,
             base: base.to_string(),
@@ -47,7 +52,10 @@ impl GraphTransport {
 
     pub async fn send(&self, message: &Rendered, token: &AccessToken) -> Outcome {
         let Some(from) = message.envelope.from() else {
-            return Outcome::Permanent { reason: "the message has no sender".into(), code: None };
+            return Outcome::Permanent {
+                reason: "the message has no sender".into(),
+                code: None,
+            };
         };
         let mailbox = from.to_string();
         let body = base64::engine::general_purpose::STANDARD.encode(&message.bytes);
@@ -111,12 +119,20 @@ impl GraphTransport {
 
 impl std::fmt::Debug for GraphTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GraphTransport").field("base", &self.base).finish()
+        f.debug_struct("GraphTransport")
+            .field("base", &self.base)
+            .finish()
     }
 }
 
 /// Graph's answer to sendMail → what happens to the message.
-fn classify(status: u16, body: &str, retry_after: Option<Duration>, mailbox: &str, request_id: &str) -> Outcome {
+fn classify(
+    status: u16,
+    body: &str,
+    retry_after: Option<Duration>,
+    mailbox: &str,
+    request_id: &str,
+) -> Outcome {
     let error: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     let code_text = error["error"]["code"].as_str().unwrap_or("");
     let message = error["error"]["message"].as_str().unwrap_or(body.trim());
@@ -127,7 +143,10 @@ fn classify(status: u16, body: &str, retry_after: Option<Duration>, mailbox: &st
     };
     let code = Some(status);
     match status {
-        200..=299 => Outcome::Sent { code, reply: format!("{status} accepted by Microsoft Graph") },
+        200..=299 => Outcome::Sent {
+            code,
+            reply: format!("{status} accepted by Microsoft Graph"),
+        },
         429 | 503 | 504 => Outcome::Throttled {
             reason: format!("Microsoft Graph asked {mailbox} to slow down: {said}"),
             code,
@@ -135,30 +154,57 @@ fn classify(status: u16, body: &str, retry_after: Option<Duration>, mailbox: &st
         },
         401 => Outcome::TokenRejected {
             reason: if message.contains("roles") || message.contains("scp") {
-                format!("Microsoft Graph refused the app's token: it has no Mail.Send application permission; grant admin consent for Mail.Send ({said})")
+                format!(
+                    "Microsoft Graph refused the app's token: it has no Mail.Send application permission; grant admin consent for Mail.Send ({said})"
+                )
             } else {
-                format!("Microsoft Graph refused the app's token ({said}). Check the Mail.Send application permission and admin consent")
+                format!(
+                    "Microsoft Graph refused the app's token ({said}). Check the Mail.Send application permission and admin consent"
+                )
             },
             code,
         },
         403 | 404 if code_text == "ErrorAccessDenied" => Outcome::Configuration {
-            reason: format!("the app may not send as {mailbox} ({said}). Grant the Mail.Send application permission with admin consent, and check any Exchange application access policy that limits the app to some mailboxes"),
+            reason: format!(
+                "the app may not send as {mailbox} ({said}). Grant the Mail.Send application permission with admin consent, and check any Exchange application access policy that limits the app to some mailboxes"
+            ),
             code,
         },
         403 | 404 if code_text == "ErrorSendAsDenied" => Outcome::Configuration {
-            reason: format!("the app may not send as {mailbox} ({said}); give it Send As on the mailbox"),
+            reason: format!(
+                "the app may not send as {mailbox} ({said}); give it Send As on the mailbox"
+            ),
             code,
         },
-        403 | 404 if code_text == "MailboxNotEnabledForRESTAPI" || code_text == "ErrorInvalidUser" || code_text == "ResourceNotFound" => {
+        403 | 404
+            if code_text == "MailboxNotEnabledForRESTAPI"
+                || code_text == "ErrorInvalidUser"
+                || code_text == "ResourceNotFound" =>
+        {
             Outcome::Configuration {
-                reason: format!("{mailbox} is not an Exchange Online mailbox that Graph can send from ({said}); check the sender address in the mail settings"),
+                reason: format!(
+                    "{mailbox} is not an Exchange Online mailbox that Graph can send from ({said}); check the sender address in the mail settings"
+                ),
                 code,
             }
         }
-        403 => Outcome::Configuration { reason: format!("Microsoft Graph refused to send as {mailbox} ({said})"), code },
-        413 => Outcome::Permanent { reason: format!("the message is too large for Microsoft Graph ({said})"), code },
-        400..=499 => Outcome::Permanent { reason: format!("Microsoft Graph rejected the message ({said})"), code },
-        _ => Outcome::Transient { reason: format!("Microsoft Graph failed ({said})"), code, retry_after },
+        403 => Outcome::Configuration {
+            reason: format!("Microsoft Graph refused to send as {mailbox} ({said})"),
+            code,
+        },
+        413 => Outcome::Permanent {
+            reason: format!("the message is too large for Microsoft Graph ({said})"),
+            code,
+        },
+        400..=499 => Outcome::Permanent {
+            reason: format!("Microsoft Graph rejected the message ({said})"),
+            code,
+        },
+        _ => Outcome::Transient {
+            reason: format!("Microsoft Graph failed ({said})"),
+            code,
+            retry_after,
+        },
     }
 }
 
@@ -169,14 +215,29 @@ mod tests {
     #[test]
     fn graph_answers_are_classified() {
         let access = r#"{"error":{"code":"ErrorAccessDenied","message":"Access is denied."}}"#;
-        assert!(matches!(classify(202, "", None, "a@b.c", ""), Outcome::Sent { .. }));
+        assert!(matches!(
+            classify(202, "", None, "a@b.c", ""),
+            Outcome::Sent { .. }
+        ));
         assert!(matches!(
             classify(429, "{}", Some(Duration::from_secs(7)), "a@b.c", ""),
             Outcome::Throttled { retry_after: Some(d), .. } if d == Duration::from_secs(7)
         ));
-        assert!(matches!(classify(403, access, None, "a@b.c", ""), Outcome::Configuration { .. }));
-        assert!(matches!(classify(401, "{}", None, "a@b.c", ""), Outcome::TokenRejected { .. }));
-        assert!(matches!(classify(400, "{}", None, "a@b.c", ""), Outcome::Permanent { .. }));
-        assert!(matches!(classify(500, "{}", None, "a@b.c", ""), Outcome::Transient { .. }));
+        assert!(matches!(
+            classify(403, access, None, "a@b.c", ""),
+            Outcome::Configuration { .. }
+        ));
+        assert!(matches!(
+            classify(401, "{}", None, "a@b.c", ""),
+            Outcome::TokenRejected { .. }
+        ));
+        assert!(matches!(
+            classify(400, "{}", None, "a@b.c", ""),
+            Outcome::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify(500, "{}", None, "a@b.c", ""),
+            Outcome::Transient { .. }
+        ));
     }
 }

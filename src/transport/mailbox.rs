@@ -56,7 +56,9 @@ impl MailboxLimits {
         if n % RECOVER_AFTER == 0 {
             let raised = self
                 .limit
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| (l < self.max).then_some(l + 1));
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                    (l < self.max).then_some(l + 1)
+                });
             if raised.is_ok() {
                 self.slots.add_permits(1);
             }
@@ -68,7 +70,9 @@ impl MailboxLimits {
         self.successes.store(0, Ordering::Relaxed);
         let lowered = self
             .limit
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| (l > 1).then_some(l - 1));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                (l > 1).then_some(l - 1)
+            });
         if lowered.is_ok() {
             self.slots.forget_permits(1);
         }

@@ -89,12 +89,18 @@ pub struct Context {
 impl Context {
     /// Reads the extra CA file and builds the HTTP client: redirects off (a token
     /// endpoint that redirects is misconfigured, and a token must not follow one).
-    pub fn new(delivery: &DeliveryConfig, microsoft365: &Microsoft365Config) -> Result<Context, String> {
+    pub fn new(
+        delivery: &DeliveryConfig,
+        microsoft365: &Microsoft365Config,
+    ) -> Result<Context, String> {
         let extra_ca = if delivery.extra_ca_file.as_os_str().is_empty() {
             None
         } else {
             Some(std::fs::read(&delivery.extra_ca_file).map_err(|e| {
-                format!("cannot read delivery.extra_ca_file {}: {e}", delivery.extra_ca_file.display())
+                format!(
+                    "cannot read delivery.extra_ca_file {}: {e}",
+                    delivery.extra_ca_file.display()
+                )
             })?)
         };
         let mut http = reqwest::Client::builder()
@@ -108,7 +114,9 @@ impl Context {
                 http = http.add_root_certificate(cert);
             }
         }
-        let http = http.build().map_err(|e| format!("the HTTP client cannot be built: {e}"))?;
+        let http = http
+            .build()
+            .map_err(|e| format!("the HTTP client cannot be built: {e}"))?;
         Ok(Context {
             delivery: delivery.clone(),
             microsoft365: microsoft365.clone(),
@@ -140,9 +148,8 @@ impl Transport {
         let built = match (&settings.oauth, &settings.relay) {
             (Err(why), _) => Err(why.clone()),
             (Ok(Some(oauth)), _) => microsoft365(oauth, ctx),
-            (Ok(None), Ok(relay)) => {
-                tls_parameters(&relay.host, ctx).and_then(|tls| RelayTransport::new(relay, cfg, tls).map(Transport::Relay))
-            }
+            (Ok(None), Ok(relay)) => tls_parameters(&relay.host, ctx)
+                .and_then(|tls| RelayTransport::new(relay, cfg, tls).map(Transport::Relay)),
             (Ok(None), Err(why)) => Err(why.clone()),
         };
         built.unwrap_or_else(Transport::Unconfigured)
@@ -211,7 +218,8 @@ fn microsoft365(oauth: &OAuth, ctx: &Context) -> Result<Transport, String> {
 fn tls_parameters(host: &str, ctx: &Context) -> Result<TlsParameters, String> {
     let mut builder = TlsParameters::builder(host.to_string());
     if let Some(pem) = &ctx.extra_ca {
-        let ca = Certificate::from_pem(pem).map_err(|e| format!("delivery.extra_ca_file cannot be used: {e}"))?;
+        let ca = Certificate::from_pem(pem)
+            .map_err(|e| format!("delivery.extra_ca_file cannot be used: {e}"))?;
         builder = builder.add_root_certificate(ca);
     }
     builder

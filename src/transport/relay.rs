@@ -27,7 +27,11 @@ impl std::fmt::Debug for RelayTransport {
 }
 
 impl RelayTransport {
-    pub fn new(relay: &Relay, cfg: &DeliveryConfig, tls: TlsParameters) -> Result<RelayTransport, String> {
+    pub fn new(
+        relay: &Relay,
+        cfg: &DeliveryConfig,
+        tls: TlsParameters,
+    ) -> Result<RelayTransport, String> {
         let tls = match relay.security {
             Security::None => Tls::None,
             Security::StartTls => Tls::Required(tls),

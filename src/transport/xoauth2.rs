@@ -65,7 +65,12 @@ impl Xoauth2Transport {
             .clone()
     }
 
-    fn pool(&self, mailbox: &Mailbox, user: &str, token: &AccessToken) -> AsyncSmtpTransport<Tokio1Executor> {
+    fn pool(
+        &self,
+        mailbox: &Mailbox,
+        user: &str,
+        token: &AccessToken,
+    ) -> AsyncSmtpTransport<Tokio1Executor> {
         let mut smtp = mailbox.smtp.lock().unwrap();
         if let Some((t, pool)) = smtp.as_ref() {
             if t == token {
@@ -83,7 +88,10 @@ impl Xoauth2Transport {
             .port(self.port)
             .tls(tls)
             .timeout(Some(self.timeout))
-            .credentials(Credentials::new(user.to_string(), token.secret().to_string()))
+            .credentials(Credentials::new(
+                user.to_string(),
+                token.secret().to_string(),
+            ))
             .authentication(vec![Mechanism::Xoauth2])
             .pool_config(PoolConfig::new().max_size(self.sessions))
             .build();
@@ -93,7 +101,10 @@ impl Xoauth2Transport {
 
     pub async fn send(&self, message: &Rendered, token: &AccessToken) -> Outcome {
         let Some(from) = message.envelope.from() else {
-            return Outcome::Permanent { reason: "the message has no sender".into(), code: None };
+            return Outcome::Permanent {
+                reason: "the message has no sender".into(),
+                code: None,
+            };
         };
         let user = from.to_string();
         let mailbox = self.mailbox(&user);
@@ -121,7 +132,10 @@ impl Xoauth2Transport {
 
 impl std::fmt::Debug for Xoauth2Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Xoauth2Transport").field("host", &self.host).field("port", &self.port).finish()
+        f.debug_struct("Xoauth2Transport")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish()
     }
 }
 
@@ -160,7 +174,11 @@ fn classify(e: &smtp::Error, server: &str, mailbox: &str) -> Outcome {
         };
     }
     if matches!(code, Some(421 | 432)) || text.contains("4.3.2") {
-        return Outcome::Throttled { reason: format!("{server} throttled {mailbox}: {text}"), code, retry_after: None };
+        return Outcome::Throttled {
+            reason: format!("{server} throttled {mailbox}: {text}"),
+            code,
+            retry_after: None,
+        };
     }
     relay::classify(e, server)
 }

@@ -6,4 +6,5 @@ mod support;
 mod cli;
 mod daemons;
 mod delivery;
+mod microsoft365;
 mod outbox;

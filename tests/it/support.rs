@@ -232,14 +232,17 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Starts `tests/peers/<script>` on 127.0.0.1 with `args`, in which `{dir}` stands
+    /// for a fresh folder the peer owns.
     pub fn start(script: &str, args: &[&str]) -> Peer {
         let dir = tempfile::tempdir().unwrap();
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir_text = dir.path().to_str().unwrap().to_string();
         let mut child = Command::new("python3")
             .arg(root.join("tests/peers").join(script))
-            .args(["--host", "127.0.0.1", "--port", "0", "--dir"])
-            .arg(dir.path())
-            .args(args)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args.iter().map(|a| a.replace("{dir}", &dir_text)))
+            .current_dir(root)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -255,9 +258,33 @@ impl Peer {
         Peer { child, port, dir }
     }
 
+    /// The peer's `/_stats`, for the HTTP peers.
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/_stats", self.port))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Changes an HTTP peer's behaviour through its `/_control`.
+    pub async fn control(&self, body: serde_json::Value) {
+        let status = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{}/_control", self.port))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success());
+    }
+
     /// The SMTP sink of tests/peers/smtp_server.py.
     pub fn smtp(args: &[&str]) -> Peer {
-        Peer::start("smtp_server.py", args)
+        let mut all = vec!["--dir", "{dir}"];
+        all.extend_from_slice(args);
+        Peer::start("smtp_server.py", &all)
     }
 
     /// Messages received so far, in arrival order, as (envelope JSON, raw bytes).

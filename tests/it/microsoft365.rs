@@ -1,0 +1,534 @@
+//! Microsoft 365 delivery against real peers: an Entra-like token endpoint that signs
+//! ES256 JWTs, a Graph sendMail server that verifies them, and Dovecot's submission
+//! service validating them for SASL XOAUTH2.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use teos_mailer::app::{self, RunOptions};
+use teos_mailer::config::Config;
+use teos_mailer::settings::{Password, Settings};
+use teos_mailer::store::{OAuthUpdate, Store};
+use teos_mailer::token::{GRAPH_SCOPE, TokenKey, TokenManager};
+
+use crate::support::{Dialect, Peer, TestDb, eventually, header, mail, worker};
+
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const CLIENT: &str = "6731de76-14a6-49ae-97bc-6eba6914391e";
+const SECRET: &str = "Xy8Q~right.secret-value";
+const KEY: &str = "tests/peers/keys/es256.key";
+const PUB: &str = "tests/peers/keys/es256.pub";
+
+fn entra(extra: &[&str]) -> Peer {
+    let mut args = vec![
+        "--tenant",
+        TENANT,
+        "--client-id",
+        CLIENT,
+        "--secret",
+        SECRET,
+        "--key",
+        KEY,
+    ];
+    args.extend_from_slice(extra);
+    Peer::start("token_server.py", &args)
+}
+
+fn graph() -> Peer {
+    Peer::start(
+        "graph_server.py",
+        &["--dir", "{dir}", "--pub", PUB, "--tenant", TENANT],
+    )
+}
+
+async fn use_oauth(
+    db: &TestDb,
+    mode: &str,
+    token: &Peer,
+    secret: &str,
+    smtp: Option<u16>,
+    graph: Option<u16>,
+) {
+    let store = db.store().await;
+    store
+        .set_oauth(&OAuthUpdate {
+            enabled: true,
+            mode: mode.into(),
+            tenant_id: Some(TENANT.into()),
+            client_id: Some(CLIENT.into()),
+            client_secret: Some(SecretString::from(secret.to_string())),
+            smtp_host: smtp.map(|_| "127.0.0.1".into()),
+            smtp_port: smtp,
+            authority_host: Some(format!("http://127.0.0.1:{}", token.port)),
+            graph_base_url: graph.map(|p| format!("http://127.0.0.1:{p}")),
+            general_sender: Some("TEOS <general@contoso.test>".into()),
+            reception_sender: Some("Reception <reception@contoso.test>".into()),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+}
+
+/// Test timings, no pacing, and a worker that can run many messages at once.
+fn m365_config(db: &TestDb) -> Config {
+    let mut cfg = db.config();
+    cfg.microsoft365.messages_per_minute = 0;
+    cfg.delivery.concurrency = 32;
+    cfg
+}
+
+async fn requests(token: &Peer) -> u64 {
+    token.stats().await["requests"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_sends_1000_messages_with_one_token_and_oauth_wins_over_the_relay() {
+    let db = TestDb::new(Dialect::Postgres).await;
+    let (token, graph, relay) = (entra(&[]), graph(), Peer::smtp(&[]));
+    db.use_relay(relay.port, None).await;
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    let store = db.store().await;
+    for i in 0..999 {
+        store
+            .enqueue(&mail("ann@example.com", &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut visitor = mail("guest@example.com", "Your visitor has arrived");
+    visitor.module = Some("reception".into());
+    let (visitor_id, _) = store.enqueue(&visitor).await.unwrap();
+
+    let mut cfg = m365_config(&db);
+    cfg.delivery.concurrency = 16;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(app::run(
+        cfg,
+        async {
+            stop_rx.await.ok();
+        },
+        RunOptions::default(),
+    ));
+    let all = eventually(Duration::from_secs(120), || async {
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+            .await
+            == 1000
+    })
+    .await;
+    stop_tx.send(()).unwrap();
+    daemon.await.unwrap().unwrap();
+    assert!(all, "1000 messages sent through Graph");
+    assert_eq!(
+        requests(&token).await,
+        1,
+        "one token request for 1000 messages"
+    );
+    assert_eq!(graph.received().len(), 1000);
+    assert!(
+        relay.received().is_empty(),
+        "the relay is no second chance when OAuth is on"
+    );
+
+    let senders: Vec<String> = graph
+        .received()
+        .iter()
+        .map(|(j, _)| j["sender"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        senders
+            .iter()
+            .filter(|s| *s == "reception@contoso.test")
+            .count(),
+        1
+    );
+    let visitor_mail = graph
+        .received()
+        .into_iter()
+        .find(|(j, _)| j["sender"] == "reception@contoso.test")
+        .unwrap();
+    let row = &store.list(Some(visitor_id), None, 1).await.unwrap()[0];
+    assert_eq!(header(&visitor_mail.1, "Message-ID"), row.message_id);
+    assert!(
+        header(&visitor_mail.1, "From")
+            .unwrap()
+            .contains("reception@contoso.test")
+    );
+    store.close().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_throttling_backs_the_mailbox_off_without_spending_the_attempt() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let (token, graph) = (entra(&[]), graph());
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    let store = db.store().await;
+    let (id, _) = store
+        .enqueue(&mail("graph429-once@example.com", "slow down"))
+        .await
+        .unwrap();
+    store
+        .enqueue(&mail("ann@example.com", "same mailbox"))
+        .await
+        .unwrap();
+    let w = worker(&m365_config(&db)).await;
+    w.run_once().await.unwrap();
+
+    let pauses = store.stats().await.unwrap().pauses;
+    assert_eq!(pauses.len(), 1, "the whole mailbox backs off");
+    assert!(pauses[0].reason.contains("429"), "{}", pauses[0].reason);
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
+
+    // Retry-After: 1 — then both go.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            w.run_once().await.unwrap();
+            db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+                .await
+                == 2
+        })
+        .await
+    );
+    let history: Vec<String> = store
+        .attempts(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
+    assert_eq!(history.first().map(String::as_str), Some("throttled"));
+    assert_eq!(history.last().map(String::as_str), Some("sent"));
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_pauses_with_the_aadsts_reason_until_the_settings_change() {
+    let db = TestDb::new(Dialect::Postgres).await;
+    let (token, graph) = (entra(&[]), graph());
+    use_oauth(
+        &db,
+        "graph",
+        &token,
+        "Xy8Q~a.wrong.secret",
+        None,
+        Some(graph.port),
+    )
+    .await;
+    let store = Arc::new(db.store().await);
+    let (id, _) = store
+        .enqueue(&mail("ann@example.com", "after the fix"))
+        .await
+        .unwrap();
+    let mut cfg = m365_config(&db);
+    cfg.delivery.settings_poll_secs = 1;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(app::run(
+        cfg,
+        async {
+            stop_rx.await.ok();
+        },
+        RunOptions::default(),
+    ));
+
+    let s = store.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = s.clone();
+            async move { !s.stats().await.unwrap().pauses.is_empty() }
+        })
+        .await
+    );
+    let reason = store.stats().await.unwrap().pauses[0].reason.clone();
+    assert!(
+        reason.contains("AADSTS7000215") && reason.contains("Certificates & secrets"),
+        "{reason}"
+    );
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!(
+        (row.status.as_str(), row.attempts),
+        ("pending", 0),
+        "no attempt spent"
+    );
+
+    // The admin pastes the right secret: the pause lifts and mail flows at once.
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    assert_eq!(graph.wait_for(1, Duration::from_secs(15)).await.len(), 1);
+    stop_tx.send(()).unwrap();
+    daemon.await.unwrap().unwrap();
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!((row.status.as_str(), row.attempts), ("sent", 1));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_down_makes_mail_wait_then_flow() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let (token, graph) = (entra(&[]), graph());
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    token.control(serde_json::json!({"mode": "down"})).await;
+    let store = db.store().await;
+    let (id, _) = store
+        .enqueue(&mail("ann@example.com", "patience"))
+        .await
+        .unwrap();
+    let w = worker(&m365_config(&db)).await;
+    w.run_once().await.unwrap();
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!(row.status, "pending");
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .contains("token endpoint"),
+        "{:?}",
+        row.last_error
+    );
+    assert!(graph.received().is_empty());
+
+    token.control(serde_json::json!({"mode": "ok"})).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            w.run_once().await.unwrap().claimed == 1
+        })
+        .await
+    );
+    assert_eq!(graph.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refreshed_before_expiry_with_no_send_waiting() {
+    let token = entra(&["--lifetime", "8"]);
+    let http = reqwest::Client::new();
+    let tokens = TokenManager::new(http, Duration::from_secs(600));
+    let key = TokenKey {
+        authority: format!("http://127.0.0.1:{}", token.port),
+        tenant: TENANT.into(),
+        client_id: CLIENT.into(),
+        scope: GRAPH_SCOPE,
+    };
+    let secret = Password(SECRET.into());
+    let first = tokens.token(&key, &secret).await.unwrap();
+    // Many sends at once while no token is cached still make one request.
+    let again = futures_join(&tokens, &key, &secret, 20).await;
+    assert!(again.iter().all(|t| *t == first));
+    assert_eq!(requests(&token).await, 1);
+
+    // An 8 s token is renewed in the background after at most 4 s, before it expires.
+    assert!(
+        eventually(Duration::from_secs(7), || async {
+            requests(&token).await == 2
+        })
+        .await
+    );
+    let fresh = tokens.token(&key, &secret).await.unwrap();
+    assert_ne!(fresh, first);
+    assert!(fresh.expires_at > first.expires_at);
+    assert_eq!(
+        requests(&token).await,
+        2,
+        "the send found the renewed token ready"
+    );
+}
+
+async fn futures_join(
+    tokens: &Arc<TokenManager>,
+    key: &TokenKey,
+    secret: &Password,
+    n: usize,
+) -> Vec<teos_mailer::token::AccessToken> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (t, k, s) = (tokens.clone(), key.clone(), secret.clone());
+        tasks.spawn(async move { t.token(&k, &s).await.unwrap() });
+    }
+    tasks.join_all().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_token_requests_are_shared_by_concurrent_sends() {
+    let token = entra(&[]);
+    token
+        .control(serde_json::json!({"mode": "slow", "delay_ms": 500}))
+        .await;
+    let tokens = TokenManager::new(reqwest::Client::new(), Duration::from_secs(600));
+    let key = TokenKey {
+        authority: format!("http://127.0.0.1:{}", token.port),
+        tenant: TENANT.into(),
+        client_id: CLIENT.into(),
+        scope: GRAPH_SCOPE,
+    };
+    let got = futures_join(&tokens, &key, &Password(SECRET.into()), 50).await;
+    assert!(got.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        requests(&token).await,
+        1,
+        "50 waiting sends, one token request"
+    );
+}
+
+/// The XOAUTH2 path against Dovecot, which validates the JWT itself and relays to a sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_xoauth2_through_dovecot_with_starttls() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let sink = Peer::smtp(&[]);
+    let relay_port = sink.port.to_string();
+    let dovecot = Peer::start(
+        "dovecot_submission.py",
+        &["--relay-port", &relay_port, "--pub", PUB, "--dir", "{dir}"],
+    );
+    let token = entra(&[]);
+    use_oauth(&db, "smtp", &token, SECRET, Some(dovecot.port), None).await;
+    let store = db.store().await;
+    for i in 0..5 {
+        store
+            .enqueue(&mail("ann@example.com", &format!("xoauth2 {i}")))
+            .await
+            .unwrap();
+    }
+    let mut visitor = mail("guest@example.com", "visitor");
+    visitor.module = Some("reception".into());
+    store.enqueue(&visitor).await.unwrap();
+
+    let mut cfg = m365_config(&db);
+    cfg.delivery.extra_ca_file = dovecot.dir.path().join("tls-ca.pem");
+    worker(&cfg).await.run_once().await.unwrap();
+
+    let got = sink.wait_for(6, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 6);
+    let from: Vec<&str> = got
+        .iter()
+        .map(|(j, _)| j["mail_from"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        from.iter()
+            .filter(|f| **f == "reception@contoso.test")
+            .count(),
+        1
+    );
+    assert!(
+        got.iter()
+            .all(|(_, eml)| eml.contains("with ESMTPSA") || eml.contains("with ESMTPA"))
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+            .await,
+        6
+    );
+    assert_eq!(requests(&token).await, 1);
+    store.close().await;
+}
+
+/// Dovecot answers a bad token with a 334 JSON challenge, then 535: one new token is
+/// fetched, refused too, and then the sender pauses with advice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_token_is_refetched_once_then_pauses_the_sender() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let sink = Peer::smtp(&[]);
+    let relay_port = sink.port.to_string();
+    let dovecot = Peer::start(
+        "dovecot_submission.py",
+        &["--relay-port", &relay_port, "--pub", PUB, "--dir", "{dir}"],
+    );
+    // Tokens signed under a key id Dovecot does not know.
+    let token = entra(&["--kid", "unknown1"]);
+    use_oauth(&db, "smtp", &token, SECRET, Some(dovecot.port), None).await;
+    let store = db.store().await;
+    let (id, _) = store
+        .enqueue(&mail("ann@example.com", "refused"))
+        .await
+        .unwrap();
+    let mut cfg = m365_config(&db);
+    cfg.delivery.extra_ca_file = dovecot.dir.path().join("tls-ca.pem");
+    worker(&cfg).await.run_once().await.unwrap();
+
+    assert_eq!(requests(&token).await, 2, "one refetch after the refusal");
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
+    let pauses = store.stats().await.unwrap().pauses;
+    assert_eq!(pauses.len(), 1);
+    assert!(
+        pauses[0].reason.contains("SMTP.SendAsApp"),
+        "{}",
+        pauses[0].reason
+    );
+    assert!(sink.received().is_empty());
+    store.close().await;
+}
+
+/// A server that does not offer STARTTLS never sees a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_over_an_unencrypted_connection() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let sink = Peer::smtp(&[]);
+    let relay_port = sink.port.to_string();
+    let dovecot = Peer::start(
+        "dovecot_submission.py",
+        &[
+            "--relay-port",
+            &relay_port,
+            "--pub",
+            PUB,
+            "--dir",
+            "{dir}",
+            "--no-tls",
+        ],
+    );
+    let token = entra(&[]);
+    use_oauth(&db, "smtp", &token, SECRET, Some(dovecot.port), None).await;
+    let store = db.store().await;
+    store
+        .enqueue(&mail("ann@example.com", "plaintext"))
+        .await
+        .unwrap();
+    worker(&m365_config(&db)).await.run_once().await.unwrap();
+    let pauses = store.stats().await.unwrap().pauses;
+    assert_eq!(pauses.len(), 1);
+    assert!(
+        pauses[0].reason.contains("STARTTLS"),
+        "{}",
+        pauses[0].reason
+    );
+    assert!(sink.received().is_empty());
+    let log = std::fs::read_to_string(dovecot.dir.path().join("dovecot.log")).unwrap_or_default();
+    assert!(!log.contains("oauth2"), "no AUTH reached Dovecot: {log}");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn oauth_settings_an_admin_saves_wrong_are_reported_and_mail_waits() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let store: Store = db.store().await;
+    store
+        .set_oauth(&OAuthUpdate {
+            enabled: true,
+            mode: "graph".into(),
+            tenant_id: Some("contoso".into()),
+            client_id: Some(CLIENT.into()),
+            client_secret: Some(SecretString::from(SECRET.to_string())),
+            smtp_host: None,
+            smtp_port: None,
+            authority_host: None,
+            graph_base_url: None,
+            general_sender: Some("general@contoso.test".into()),
+            reception_sender: None,
+        })
+        .await
+        .unwrap();
+    let settings = Settings::from_row(store.load_settings().await.unwrap());
+    assert!(settings.oauth.unwrap_err().contains("tenant ID"));
+    let (id, _) = store
+        .enqueue(&mail("ann@example.com", "waits"))
+        .await
+        .unwrap();
+    worker(&db.config()).await.run_once().await.unwrap();
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!(
+        (row.status.as_str(), row.attempts),
+        ("pending", 0),
+        "waits, not failed"
+    );
+    assert!(row.last_error.as_deref().unwrap().contains("tenant ID"));
+    store.close().await;
+}
