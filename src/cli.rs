@@ -8,8 +8,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
-use crate::settings::Settings;
+use crate::config::{Config, ConfigError};
+use crate::diagnose;
+use crate::settings::{SenderKind, Settings};
 use crate::store::{NewAttachment, NewMail, OAuthUpdate, RelayUpdate, STATUSES, Store};
+use crate::transport;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +46,21 @@ pub enum Command {
     /// Show or change the mail settings held in the database.
     #[command(subcommand)]
     Settings(SettingsCommand),
+    /// Send a test message with the stored settings and say what is wrong, if anything.
+    TestEmail {
+        /// Where the test message goes.
+        #[arg(long)]
+        to: String,
+        /// Which mailbox sends it.
+        #[arg(long, value_enum, default_value = "general")]
+        sender: SenderArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SenderArg {
+    General,
+    Reception,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +215,28 @@ fn read_secret(stdin: bool, env: Option<String>, what: &str) -> anyhow::Result<O
     } else {
         Ok(None)
     }
+}
+
+pub async fn test_email(
+    store: &Store,
+    cfg: &Config,
+    to: &str,
+    sender: SenderArg,
+) -> anyhow::Result<()> {
+    let ctx = transport::Context::new(&cfg.delivery, &cfg.microsoft365).map_err(ConfigError)?;
+    let kind = match sender {
+        SenderArg::General => SenderKind::General,
+        SenderArg::Reception => SenderKind::Reception,
+    };
+    let report = diagnose::test_email(store.load_settings().await?, &ctx, to, kind).await;
+    for step in &report.steps {
+        let mark = if step.ok { "ok  " } else { "FAIL" };
+        println!("{mark} {:<9} {}", step.name, step.detail);
+    }
+    if !report.ok() {
+        bail!("the test message was not sent");
+    }
+    Ok(())
 }
 
 pub async fn enqueue(store: &Store, args: EnqueueArgs) -> anyhow::Result<()> {

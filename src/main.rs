@@ -63,6 +63,7 @@ async fn dispatch(command: Command, cfg: Config) -> anyhow::Result<()> {
         Command::Enqueue(args) => cli::enqueue(&store, args).await,
         Command::Queue(c) => cli::queue(&store, c).await,
         Command::Settings(c) => cli::settings(&store, c).await,
+        Command::TestEmail { to, sender } => cli::test_email(&store, &cfg, &to, sender).await,
     };
     store.close().await;
     result

@@ -26,6 +26,52 @@ pub struct Delivery {
     pub transport: Transport,
 }
 
+impl Delivery {
+    pub fn new(settings: Arc<Settings>, ctx: &Context) -> Delivery {
+        Delivery {
+            transport: Transport::build(&settings, ctx),
+            settings,
+        }
+    }
+
+    /// Sends with a token where the transport needs one. A refused token is dropped
+    /// and a fresh one tried once; refused again, the settings are at fault.
+    pub async fn send(&self, tokens: &Arc<TokenManager>, rendered: &Rendered) -> Outcome {
+        let Some(key) = self.transport.token_key(&self.settings) else {
+            return self.transport.send(rendered, None).await;
+        };
+        let Ok(Some(oauth)) = &self.settings.oauth else {
+            return self.transport.send(rendered, None).await;
+        };
+        for first_try in [true, false] {
+            let token = match tokens.token(&key, &oauth.secret).await {
+                Ok(token) => token,
+                Err(TokenError::Transient(reason)) => {
+                    return Outcome::Transient {
+                        reason,
+                        code: None,
+                        retry_after: None,
+                    };
+                }
+                Err(TokenError::Configuration(reason)) => {
+                    return Outcome::Configuration { reason, code: None };
+                }
+            };
+            match self.transport.send(rendered, Some(&token)).await {
+                Outcome::TokenRejected { reason, .. } if first_try => {
+                    tracing::info!(reason = %reason, "token refused; fetching a new one and trying once more");
+                    tokens.invalidate(&key, &token);
+                }
+                Outcome::TokenRejected { reason, code } => {
+                    return Outcome::Configuration { reason, code };
+                }
+                outcome => return outcome,
+            }
+        }
+        unreachable!("the second try always returns")
+    }
+}
+
 pub struct Worker {
     store: Store,
     cfg: DeliveryConfig,
@@ -75,10 +121,7 @@ impl Worker {
         };
         let first = settings.borrow().clone();
         Worker {
-            delivery: Mutex::new(Arc::new(Delivery {
-                transport: Transport::build(&first, &ctx),
-                settings: first,
-            })),
+            delivery: Mutex::new(Arc::new(Delivery::new(first, &ctx))),
             settings: Mutex::new(settings),
             store,
             cfg,
@@ -113,10 +156,7 @@ impl Worker {
                 // Another app, tenant or secret: tokens of the old one are worthless.
                 self.tokens.clear();
             }
-            *current = Arc::new(Delivery {
-                transport: Transport::build(&settings, &self.ctx),
-                settings,
-            });
+            *current = Arc::new(Delivery::new(settings, &self.ctx));
         }
         current.clone()
     }
@@ -327,44 +367,7 @@ impl Worker {
             Ok(r) => r,
             Err(outcome) => return (Some(kind), outcome),
         };
-        (Some(kind), self.send(&rendered, delivery).await)
-    }
-
-    /// Sends with a token where the transport needs one. A refused token is dropped
-    /// and a fresh one tried once; refused again, the settings are at fault.
-    async fn send(&self, rendered: &Rendered, delivery: &Delivery) -> Outcome {
-        let Some(key) = delivery.transport.token_key(&delivery.settings) else {
-            return delivery.transport.send(rendered, None).await;
-        };
-        let Ok(Some(oauth)) = &delivery.settings.oauth else {
-            return delivery.transport.send(rendered, None).await;
-        };
-        for first_try in [true, false] {
-            let token = match self.tokens.token(&key, &oauth.secret).await {
-                Ok(token) => token,
-                Err(TokenError::Transient(reason)) => {
-                    return Outcome::Transient {
-                        reason,
-                        code: None,
-                        retry_after: None,
-                    };
-                }
-                Err(TokenError::Configuration(reason)) => {
-                    return Outcome::Configuration { reason, code: None };
-                }
-            };
-            match delivery.transport.send(rendered, Some(&token)).await {
-                Outcome::TokenRejected { reason, .. } if first_try => {
-                    tracing::info!(reason = %reason, "token refused; fetching a new one and trying once more");
-                    self.tokens.invalidate(&key, &token);
-                }
-                Outcome::TokenRejected { reason, code } => {
-                    return Outcome::Configuration { reason, code };
-                }
-                outcome => return outcome,
-            }
-        }
-        unreachable!("the second try always returns")
+        (Some(kind), delivery.send(&self.tokens, &rendered).await)
     }
 
     async fn render(&self, row: &ClaimedRow, from: &Mailbox) -> Result<Rendered, Outcome> {

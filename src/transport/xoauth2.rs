@@ -173,6 +173,13 @@ fn classify(e: &smtp::Error, server: &str, mailbox: &str) -> Outcome {
             code,
         };
     }
+    // Syntax errors and unknown commands come from the protocol, not from this message.
+    if matches!(code, Some(500 | 502 | 504)) {
+        return Outcome::Configuration {
+            reason: format!("{server} did not understand the session ({text})"),
+            code,
+        };
+    }
     if matches!(code, Some(421 | 432)) || text.contains("4.3.2") {
         return Outcome::Throttled {
             reason: format!("{server} throttled {mailbox}: {text}"),

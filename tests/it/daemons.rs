@@ -190,29 +190,57 @@ async fn a_database_outage_is_waited_out() {
     db.use_relay(smtp.port, None).await;
     let proxy = Proxy::start(5432).await;
     let mut cfg = db.config();
-    cfg.database.url = secrecy::SecretString::from(db.url.replace(":5432/", &format!(":{}/", proxy.port)));
+    cfg.database.url =
+        secrecy::SecretString::from(db.url.replace(":5432/", &format!(":{}/", proxy.port)));
     cfg.database.connect_timeout_secs = 1;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(app::run(cfg, async { stop_rx.await.ok(); }, RunOptions::default()));
+    let daemon = tokio::spawn(app::run(
+        cfg,
+        async {
+            stop_rx.await.ok();
+        },
+        RunOptions::default(),
+    ));
 
     let store = db.store().await;
-    store.enqueue(&mail("ann@example.com", "before")).await.unwrap();
+    store
+        .enqueue(&mail("ann@example.com", "before"))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!daemon.is_finished(), "the daemon waits for the database instead of exiting");
+    assert!(
+        !daemon.is_finished(),
+        "the daemon waits for the database instead of exiting"
+    );
     assert!(smtp.received().is_empty());
 
     proxy.set_up(true);
-    assert_eq!(smtp.wait_for(1, Duration::from_secs(40)).await.len(), 1, "delivered once the database answers");
+    assert_eq!(
+        smtp.wait_for(1, Duration::from_secs(40)).await.len(),
+        1,
+        "delivered once the database answers"
+    );
 
     proxy.set_up(false);
-    store.enqueue(&mail("ann@example.com", "during")).await.unwrap();
+    store
+        .enqueue(&mail("ann@example.com", "during"))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!daemon.is_finished());
     proxy.set_up(true);
-    assert_eq!(smtp.wait_for(2, Duration::from_secs(40)).await.len(), 2, "delivered after the outage");
+    assert_eq!(
+        smtp.wait_for(2, Duration::from_secs(40)).await.len(),
+        2,
+        "delivered after the outage"
+    );
 
     stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), daemon).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(15), daemon)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let got = smtp.received();
     assert_eq!(header(&got[1].1, "Subject").as_deref(), Some("during"));
     store.close().await;

@@ -532,3 +532,159 @@ async fn oauth_settings_an_admin_saves_wrong_are_reported_and_mail_waits() {
     assert!(row.last_error.as_deref().unwrap().contains("tenant ID"));
     store.close().await;
 }
+
+/// An Exchange-like server: STARTTLS with a test CA, then XOAUTH2 in `mode`.
+fn exchange(mode: &str) -> Peer {
+    Peer::smtp(&[
+        "--xoauth2",
+        mode,
+        "--tls-dir",
+        "{dir}/tls",
+        "--require-auth",
+    ])
+}
+
+fn exchange_config(db: &TestDb, server: &Peer) -> Config {
+    let mut cfg = m365_config(db);
+    cfg.delivery.extra_ca_file = server.dir.path().join("tls/tls-ca.pem");
+    cfg
+}
+
+/// Exchange's own form: 535 at once, no challenge. One refetch, then a pause with advice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_535_refetches_once_and_a_fresh_token_can_pass() {
+    for (mode, expect_sent, expect_words) in [
+        ("reject-once", true, ""),
+        ("reject", false, "SMTP.SendAsApp"),
+        ("disabled", false, "SmtpClientAuthenticationDisabled"),
+    ] {
+        let db = TestDb::new(Dialect::Sqlite).await;
+        let (server, token) = (exchange(mode), entra(&[]));
+        use_oauth(&db, "smtp", &token, SECRET, Some(server.port), None).await;
+        let store = db.store().await;
+        let (id, _) = store.enqueue(&mail("ann@example.com", mode)).await.unwrap();
+        worker(&exchange_config(&db, &server))
+            .await
+            .run_once()
+            .await
+            .unwrap();
+
+        assert_eq!(requests(&token).await, 2, "{mode}: exactly one refetch");
+        let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+        if expect_sent {
+            assert_eq!(row.status, "sent", "{mode}");
+            assert_eq!(server.received()[0].0["auth_user"], "general@contoso.test");
+        } else {
+            assert_eq!(
+                (row.status.as_str(), row.attempts),
+                ("pending", 0),
+                "{mode}"
+            );
+            let pauses = store.stats().await.unwrap().pauses;
+            assert!(
+                pauses[0].reason.contains(expect_words),
+                "{mode}: {}",
+                pauses[0].reason
+            );
+            assert!(server.received().is_empty());
+        }
+        store.close().await;
+    }
+}
+
+/// 432 4.3.2: the mailbox backs off and runs one session fewer; the message keeps its
+/// attempt and goes after the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_432_throttles_the_mailbox() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let (server, token) = (exchange("accept"), entra(&[]));
+    use_oauth(&db, "smtp", &token, SECRET, Some(server.port), None).await;
+    let store = db.store().await;
+    let (id, _) = store
+        .enqueue(&mail("throttle-once@example.com", "busy"))
+        .await
+        .unwrap();
+    let mut cfg = exchange_config(&db, &server);
+    cfg.microsoft365.throttle_pause_secs = 1;
+    let w = worker(&cfg).await;
+    w.run_once().await.unwrap();
+    let pauses = store.stats().await.unwrap().pauses;
+    assert_eq!(pauses.len(), 1);
+    assert!(pauses[0].reason.contains("4.3.2"), "{}", pauses[0].reason);
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            w.run_once().await.unwrap();
+            db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+                .await
+                == 1
+        })
+        .await
+    );
+    let tokens: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(server.dir.path().join("stats.json")).unwrap())
+            .map(|s: serde_json::Value| s["tokens"].as_array().unwrap().clone())
+            .unwrap();
+    assert!(!tokens.is_empty());
+    assert_eq!(requests(&token).await, 1);
+    store.close().await;
+}
+
+/// The admin's test e-mail: the stored settings, step by step, in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_email_says_what_is_wrong() {
+    use std::process::Command;
+
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let (token, graph) = (entra(&[]), graph());
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_teos-mailer"))
+            .args([
+                "test-email",
+                "--to",
+                "admin@contoso.test",
+                "--sender",
+                "reception",
+            ])
+            .env("TEOS_MAILER__DATABASE__URL", &db.url)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    use_oauth(
+        &db,
+        "graph",
+        &token,
+        "Xy8Q~expired.or.wrong",
+        None,
+        Some(graph.port),
+    )
+    .await;
+    let (code, text) = run();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAIL token") && text.contains("AADSTS7000215"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Xy8Q~"),
+        "the secret is never printed: {text}"
+    );
+
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    let (code, text) = run();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ok   token") && text.contains("ok   send") && text.contains("202"),
+        "{text}"
+    );
+    let got = graph.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0["sender"], "reception@contoso.test");
+}

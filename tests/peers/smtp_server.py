@@ -15,6 +15,7 @@ behaviour selected by the recipient's local part.
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import base64
 import binascii
@@ -232,8 +233,14 @@ class Handler:
 class CountingSMTP(SMTP):
     """SMTP protocol that numbers its connections and tracks them for shutdown."""
 
+    # RFC 5321's 512 is too short for AUTH XOAUTH2 with a real token (Entra's are
+    # 1.5-3 KB and Exchange accepts them inline); Exchange takes far longer lines.
+    command_size_limit = 16384
+
     def __init__(self, *a, store: Store, live: set, **kw) -> None:
         super().__init__(*a, **kw)
+        # aiosmtpd's per-command limits default to SMTP.command_size_limit (512).
+        self.command_size_limits = collections.defaultdict(lambda: CountingSMTP.command_size_limit)
         self._store = store
         self._live = live
         self.conn_no = 0
