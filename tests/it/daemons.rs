@@ -181,9 +181,7 @@ async fn killed_daemon_is_taken_over_on_sqlite() {
 /// daemon waits, never exits, and delivers once the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_is_waited_out() {
-    use teos_mailer::app::{self, RunOptions};
-
-    use crate::support::{Proxy, mail};
+    use crate::support::{Daemon, Proxy, mail};
 
     let db = TestDb::new(Dialect::Postgres).await;
     let smtp = Peer::smtp(&[]);
@@ -193,14 +191,7 @@ async fn a_database_outage_is_waited_out() {
     cfg.database.url =
         secrecy::SecretString::from(db.url.replace(":5432/", &format!(":{}/", proxy.port)));
     cfg.database.connect_timeout_secs = 1;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(app::run(
-        cfg,
-        async {
-            stop_rx.await.ok();
-        },
-        RunOptions::default(),
-    ));
+    let daemon = Daemon::start(cfg);
 
     let store = db.store().await;
     store
@@ -209,7 +200,7 @@ async fn a_database_outage_is_waited_out() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        !daemon.is_finished(),
+        daemon.is_running(),
         "the daemon waits for the database instead of exiting"
     );
     assert!(smtp.received().is_empty());
@@ -227,7 +218,7 @@ async fn a_database_outage_is_waited_out() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!daemon.is_finished());
+    assert!(daemon.is_running());
     proxy.set_up(true);
     assert_eq!(
         smtp.wait_for(2, Duration::from_secs(40)).await.len(),
@@ -235,12 +226,7 @@ async fn a_database_outage_is_waited_out() {
         "delivered after the outage"
     );
 
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
     let got = smtp.received();
     assert_eq!(header(&got[1].1, "Subject").as_deref(), Some("during"));
     store.close().await;

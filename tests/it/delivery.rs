@@ -1,15 +1,15 @@
 //! Delivery through a real SMTP server on loopback, on every database: what arrives is
 //! what the row said, failures end up where an operator expects them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use mail_parser::{MessageParser, MimeHeaders};
-use teos_mailer::app::{self, RunOptions};
 use teos_mailer::store::{NewAttachment, NewMail};
 
 use crate::on_every_db;
-use crate::support::{Dialect, Peer, TestDb, eventually, header, mail, worker};
+use crate::support::{
+    Daemon, Dialect, Peer, TestDb, assert_waits, eventually, header, mail, until_paused, worker,
+};
 
 on_every_db!(
     delivers_headers_bodies_and_attachments_intact,
@@ -278,34 +278,13 @@ async fn wrong_relay_password_pauses_until_the_settings_are_fixed(db: &TestDb) {
         .unwrap();
     let mut cfg = db.config();
     cfg.delivery.settings_poll_secs = 1;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(app::run(
-        cfg,
-        async {
-            stop_rx.await.ok();
-        },
-        RunOptions::default(),
-    ));
+    let daemon = Daemon::start(cfg);
 
-    let store2 = Arc::new(db.store().await);
-    let paused = eventually(Duration::from_secs(10), || {
-        let s = store2.clone();
-        async move { !s.stats().await.unwrap().pauses.is_empty() }
-    })
-    .await;
-    assert!(paused, "a refused login pauses the sender");
-    let stats = store.stats().await.unwrap();
     assert!(
-        stats.pauses[0].reason.contains("535"),
-        "{}",
-        stats.pauses[0].reason
+        until_paused(&store).await,
+        "a refused login pauses the sender"
     );
-    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
-    assert_eq!(
-        (row.status.as_str(), row.attempts),
-        ("pending", 0),
-        "no attempt is spent"
-    );
+    assert_waits(&store, id, "535").await;
 
     // The admin fixes the password; the daemon notices, lifts the pause and delivers.
     db.use_relay(smtp.port, Some(("teos", "right-password")))
@@ -313,12 +292,7 @@ async fn wrong_relay_password_pauses_until_the_settings_are_fixed(db: &TestDb) {
     let got = smtp.wait_for(1, Duration::from_secs(15)).await;
     assert_eq!(got.len(), 1, "delivered after the settings change");
     assert_eq!(got[0].0["auth_user"], "teos");
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    daemon.stop().await;
     let row = &store.list(Some(id), None, 1).await.unwrap()[0];
     assert_eq!((row.status.as_str(), row.attempts), ("sent", 1));
     store.close().await;

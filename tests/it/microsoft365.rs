@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use teos_mailer::app::{self, RunOptions};
 use teos_mailer::config::Config;
 use teos_mailer::settings::{Password, Settings};
 use teos_mailer::store::{OAuthUpdate, Store};
 use teos_mailer::token::{GRAPH_SCOPE, TokenKey, TokenManager};
 
-use crate::support::{Dialect, Peer, TestDb, eventually, header, mail, worker};
+use crate::support::{
+    Daemon, Dialect, Peer, TestDb, assert_waits, eventually, header, mail, until_paused, worker,
+};
 
 const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 const CLIENT: &str = "6731de76-14a6-49ae-97bc-6eba6914391e";
@@ -101,22 +102,14 @@ async fn graph_sends_1000_messages_with_one_token_and_oauth_wins_over_the_relay(
 
     let mut cfg = m365_config(&db);
     cfg.delivery.concurrency = 16;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(app::run(
-        cfg,
-        async {
-            stop_rx.await.ok();
-        },
-        RunOptions::default(),
-    ));
+    let daemon = Daemon::start(cfg);
     let all = eventually(Duration::from_secs(120), || async {
         db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
             .await
             == 1000
     })
     .await;
-    stop_tx.send(()).unwrap();
-    daemon.await.unwrap().unwrap();
+    daemon.stop().await;
     assert!(all, "1000 messages sent through Graph");
     assert_eq!(
         requests(&token).await,
@@ -174,11 +167,8 @@ async fn graph_throttling_backs_the_mailbox_off_without_spending_the_attempt() {
     let w = worker(&m365_config(&db)).await;
     w.run_once().await.unwrap();
 
-    let pauses = store.stats().await.unwrap().pauses;
-    assert_eq!(pauses.len(), 1, "the whole mailbox backs off");
-    assert!(pauses[0].reason.contains("429"), "{}", pauses[0].reason);
-    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
-    assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
+    // The whole mailbox backs off; the message keeps its attempt.
+    assert_waits(&store, id, "429").await;
 
     // Retry-After: 1 — then both go.
     assert!(
@@ -222,40 +212,17 @@ async fn wrong_secret_pauses_with_the_aadsts_reason_until_the_settings_change() 
         .unwrap();
     let mut cfg = m365_config(&db);
     cfg.delivery.settings_poll_secs = 1;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(app::run(
-        cfg,
-        async {
-            stop_rx.await.ok();
-        },
-        RunOptions::default(),
-    ));
+    let daemon = Daemon::start(cfg);
 
-    let s = store.clone();
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let s = s.clone();
-            async move { !s.stats().await.unwrap().pauses.is_empty() }
-        })
-        .await
-    );
+    assert!(until_paused(&store).await);
+    assert_waits(&store, id, "AADSTS7000215").await;
     let reason = store.stats().await.unwrap().pauses[0].reason.clone();
-    assert!(
-        reason.contains("AADSTS7000215") && reason.contains("Certificates & secrets"),
-        "{reason}"
-    );
-    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
-    assert_eq!(
-        (row.status.as_str(), row.attempts),
-        ("pending", 0),
-        "no attempt spent"
-    );
+    assert!(reason.contains("Certificates & secrets"), "{reason}");
 
     // The admin pastes the right secret: the pause lifts and mail flows at once.
     use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
     assert_eq!(graph.wait_for(1, Duration::from_secs(15)).await.len(), 1);
-    stop_tx.send(()).unwrap();
-    daemon.await.unwrap().unwrap();
+    daemon.stop().await;
     let row = &store.list(Some(id), None, 1).await.unwrap()[0];
     assert_eq!((row.status.as_str(), row.attempts), ("sent", 1));
     db.cleanup().await;
@@ -444,15 +411,7 @@ async fn refused_token_is_refetched_once_then_pauses_the_sender() {
     worker(&cfg).await.run_once().await.unwrap();
 
     assert_eq!(requests(&token).await, 2, "one refetch after the refusal");
-    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
-    assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
-    let pauses = store.stats().await.unwrap().pauses;
-    assert_eq!(pauses.len(), 1);
-    assert!(
-        pauses[0].reason.contains("SMTP.SendAsApp"),
-        "{}",
-        pauses[0].reason
-    );
+    assert_waits(&store, id, "SMTP.SendAsApp").await;
     assert!(sink.received().is_empty());
     store.close().await;
 }
@@ -575,17 +534,7 @@ async fn exchange_535_refetches_once_and_a_fresh_token_can_pass() {
             assert_eq!(row.status, "sent", "{mode}");
             assert_eq!(server.received()[0].0["auth_user"], "general@contoso.test");
         } else {
-            assert_eq!(
-                (row.status.as_str(), row.attempts),
-                ("pending", 0),
-                "{mode}"
-            );
-            let pauses = store.stats().await.unwrap().pauses;
-            assert!(
-                pauses[0].reason.contains(expect_words),
-                "{mode}: {}",
-                pauses[0].reason
-            );
+            assert_waits(&store, id, expect_words).await;
             assert!(server.received().is_empty());
         }
         store.close().await;
@@ -608,11 +557,7 @@ async fn exchange_432_throttles_the_mailbox() {
     cfg.microsoft365.throttle_pause_secs = 1;
     let w = worker(&cfg).await;
     w.run_once().await.unwrap();
-    let pauses = store.stats().await.unwrap().pauses;
-    assert_eq!(pauses.len(), 1);
-    assert!(pauses[0].reason.contains("4.3.2"), "{}", pauses[0].reason);
-    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
-    assert_eq!((row.status.as_str(), row.attempts), ("pending", 0));
+    assert_waits(&store, id, "4.3.2").await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             w.run_once().await.unwrap();

@@ -223,6 +223,37 @@ pub async fn worker(cfg: &Config) -> Arc<Worker> {
     Arc::new(Worker::new(store, ctx, tokens, rx, Arc::new(Notify::new())))
 }
 
+/// The whole daemon (`app::run`) in this process, stopped as SIGTERM would stop it.
+pub struct Daemon {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), teos_mailer::config::ConfigError>>,
+}
+
+impl Daemon {
+    pub fn start(cfg: Config) -> Daemon {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async {
+            stopped.await.ok();
+        };
+        let task = tokio::spawn(teos_mailer::app::run(cfg, shutdown, Default::default()));
+        Daemon { stop, task }
+    }
+
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Stops it and waits for it to drain and return Ok.
+    pub async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the daemon drains within 20 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 /// A peer process from tests/peers: started with its flags, ready once it printed its
 /// JSON line, stopped when dropped (its stdin closes, and it is killed to be sure).
 pub struct Peer {
@@ -348,6 +379,31 @@ pub fn header(eml: &str, name: &str) -> Option<String> {
         }
     }
     value
+}
+
+/// Row `id` waits for its sender (pending, no attempt spent), and the one pause says why.
+pub async fn assert_waits(store: &Store, id: i64, why: &str) {
+    let row = &store.list(Some(id), None, 1).await.unwrap()[0];
+    assert_eq!(
+        (row.status.as_str(), row.attempts),
+        ("pending", 0),
+        "row {id} waits without spending an attempt"
+    );
+    let pauses = store.stats().await.unwrap().pauses;
+    assert_eq!(pauses.len(), 1, "one sender is paused");
+    assert!(
+        pauses[0].reason.contains(why),
+        "the pause should say {why:?}: {}",
+        pauses[0].reason
+    );
+}
+
+/// Waits (up to 10 s) until some sender is paused.
+pub async fn until_paused(store: &Store) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        !store.stats().await.unwrap().pauses.is_empty()
+    })
+    .await
 }
 
 /// Polls `check` until it holds or `limit` passes; returns whether it held.
