@@ -633,3 +633,49 @@ async fn test_email_says_what_is_wrong() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0["sender"], "reception@contoso.test");
 }
+
+/// The daemon's own log, at debug level and as JSON, never carries the client secret, the
+/// relay password or a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_and_tokens_never_reach_the_log() {
+    use std::process::{Command, Stdio};
+
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let (token, graph) = (entra(&[]), graph());
+    db.use_relay(2525, Some(("relay-user", "relay-Pa55word")))
+        .await;
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    let store = db.store().await;
+    store
+        .enqueue(&mail("ann@example.com", "logged"))
+        .await
+        .unwrap();
+    store
+        .enqueue(&mail("denied@example.com", "also logged"))
+        .await
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_teos-mailer"))
+        .args(["run", "--until-idle"])
+        .env("TEOS_MAILER__DATABASE__URL", &db.url)
+        .env("TEOS_MAILER__LOG__LEVEL", "debug")
+        .env("TEOS_MAILER__LOG__FORMAT", "json")
+        .env("TEOS_MAILER__MICROSOFT365__MESSAGES_PER_MINUTE", "0")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(graph.received().len() == 2, "both sent: {log}");
+    for line in log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        assert!(event["level"].is_string() && event["timestamp"].is_string());
+    }
+    assert!(log.contains("\"message\":\"sent\""), "{log}");
+    for secret in [SECRET, "relay-Pa55word", "eyJ"] {
+        assert!(!log.contains(secret), "{secret} appears in the log");
+    }
+    store.close().await;
+}
