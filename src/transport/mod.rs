@@ -6,6 +6,7 @@ mod graph;
 mod mailbox;
 mod pickup;
 mod relay;
+mod session;
 mod xoauth2;
 
 use std::path::PathBuf;
@@ -149,7 +150,7 @@ impl Transport {
             (Err(why), _) => Err(why.clone()),
             (Ok(Some(oauth)), _) => microsoft365(oauth, ctx),
             (Ok(None), Ok(relay)) => tls_parameters(&relay.host, ctx)
-                .and_then(|tls| RelayTransport::new(relay, cfg, tls).map(Transport::Relay)),
+                .map(|tls| Transport::Relay(RelayTransport::new(relay, cfg, tls))),
             (Ok(None), Err(why)) => Err(why.clone()),
         };
         built.unwrap_or_else(Transport::Unconfigured)

@@ -1,19 +1,21 @@
-//! A plain SMTP relay from the mail settings: pooled connections, optional AUTH
+//! A plain SMTP relay from the mail settings: pooled sessions, optional AUTH
 //! PLAIN/LOGIN, and a reading of every failure as transient, permanent or configuration.
 
+use std::sync::Arc;
+
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::{self, PoolConfig};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::TlsParameters;
+use lettre::transport::smtp::{self};
 
 use super::Outcome;
+use super::session::{Security as SessionSecurity, SessionError, SessionPool};
 use crate::config::DeliveryConfig;
 use crate::render::Rendered;
 use crate::settings::{Relay, Security};
 
 #[derive(Clone)]
 pub struct RelayTransport {
-    smtp: AsyncSmtpTransport<Tokio1Executor>,
+    smtp: Arc<SessionPool>,
     /// host:port, for logs and errors.
     server: String,
 }
@@ -27,40 +29,63 @@ impl std::fmt::Debug for RelayTransport {
 }
 
 impl RelayTransport {
-    pub fn new(
-        relay: &Relay,
-        cfg: &DeliveryConfig,
-        tls: TlsParameters,
-    ) -> Result<RelayTransport, String> {
-        let tls = match relay.security {
-            Security::None => Tls::None,
-            Security::StartTls => Tls::Required(tls),
-            Security::Tls => Tls::Wrapper(tls),
+    pub fn new(relay: &Relay, cfg: &DeliveryConfig, tls: TlsParameters) -> RelayTransport {
+        let security = match relay.security {
+            Security::None => SessionSecurity::Plain,
+            Security::StartTls => SessionSecurity::StartTls(tls),
+            Security::Tls => SessionSecurity::Implicit(tls),
         };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&relay.host)
-            .port(relay.port)
-            .tls(tls)
-            .timeout(Some(cfg.send_timeout()))
-            .pool_config(PoolConfig::new().max_size(cfg.concurrency));
-        if let Some((user, password)) = &relay.login {
-            builder = builder
-                .credentials(Credentials::new(user.clone(), password.0.clone()))
-                .authentication(vec![Mechanism::Plain, Mechanism::Login]);
-        }
-        Ok(RelayTransport {
-            smtp: builder.build(),
+        let login = relay.login.as_ref().map(|(user, password)| {
+            let credentials = Credentials::new(user.clone(), password.0.clone());
+            (vec![Mechanism::Plain, Mechanism::Login], credentials)
+        });
+        RelayTransport {
+            smtp: Arc::new(SessionPool::new(
+                &relay.host,
+                relay.port,
+                security,
+                cfg.send_timeout(),
+                login,
+                cfg.concurrency,
+            )),
             server: format!("{}:{}", relay.host, relay.port),
-        })
+        }
     }
 
     pub async fn send(&self, message: &Rendered) -> Outcome {
-        match self.smtp.send_raw(&message.envelope, &message.bytes).await {
-            Ok(response) => Outcome::Sent {
-                code: Some(u16::from(response.code())),
-                reply: response.message().collect::<Vec<_>>().join(" "),
-            },
-            Err(e) => classify(&e, &self.server),
+        match self.smtp.send(&message.envelope, &message.bytes).await {
+            Ok(response) => sent(&response),
+            Err(e) => classify_session(e, &self.server, classify),
         }
+    }
+}
+
+pub(crate) fn sent(response: &lettre::transport::smtp::response::Response) -> Outcome {
+    Outcome::Sent {
+        code: Some(u16::from(response.code())),
+        reply: response.message().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Connection failures and timeouts are transient; what the server said is read by
+/// `classify`, which knows the transport.
+pub(crate) fn classify_session(
+    e: SessionError,
+    server: &str,
+    classify: impl Fn(&smtp::Error, &str) -> Outcome,
+) -> Outcome {
+    match e {
+        SessionError::Smtp(e) => classify(&e, server),
+        SessionError::Connect(e) => Outcome::Transient {
+            reason: format!("cannot connect to {server}: {e}"),
+            code: None,
+            retry_after: None,
+        },
+        SessionError::Timeout => Outcome::Transient {
+            reason: format!("{server} did not answer in time"),
+            code: None,
+            retry_after: None,
+        },
     }
 }
 

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::{self, PoolConfig};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::client::TlsParameters;
+use lettre::transport::smtp::{self};
 
 use super::mailbox::MailboxLimits;
+use super::session::{Security, SessionPool};
 use super::{Outcome, relay};
 use crate::render::Rendered;
 use crate::token::AccessToken;
@@ -27,8 +27,8 @@ pub struct Xoauth2Transport {
 
 struct Mailbox {
     limits: MailboxLimits,
-    /// The pool and the token its connections logged in with.
-    smtp: Mutex<Option<(AccessToken, AsyncSmtpTransport<Tokio1Executor>)>>,
+    /// The sessions and the token they logged in with.
+    smtp: Mutex<Option<(AccessToken, Arc<SessionPool>)>>,
 }
 
 impl Xoauth2Transport {
@@ -65,12 +65,8 @@ impl Xoauth2Transport {
             .clone()
     }
 
-    fn pool(
-        &self,
-        mailbox: &Mailbox,
-        user: &str,
-        token: &AccessToken,
-    ) -> AsyncSmtpTransport<Tokio1Executor> {
+    /// The mailbox's sessions for `token`; a new token starts new sessions.
+    fn pool(&self, mailbox: &Mailbox, user: &str, token: &AccessToken) -> Arc<SessionPool> {
         let mut smtp = mailbox.smtp.lock().unwrap();
         if let Some((t, pool)) = smtp.as_ref() {
             if t == token {
@@ -78,23 +74,21 @@ impl Xoauth2Transport {
             }
         }
         // Port 465 speaks TLS from the first byte; anything else must upgrade with
-        // STARTTLS, or lettre refuses before a token is sent.
-        let tls = if self.port == 465 {
-            Tls::Wrapper(self.tls.clone())
+        // STARTTLS, or the session ends before a token is sent.
+        let security = if self.port == 465 {
+            Security::Implicit(self.tls.clone())
         } else {
-            Tls::Required(self.tls.clone())
+            Security::StartTls(self.tls.clone())
         };
-        let pool = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&self.host)
-            .port(self.port)
-            .tls(tls)
-            .timeout(Some(self.timeout))
-            .credentials(Credentials::new(
-                user.to_string(),
-                token.secret().to_string(),
-            ))
-            .authentication(vec![Mechanism::Xoauth2])
-            .pool_config(PoolConfig::new().max_size(self.sessions))
-            .build();
+        let credentials = Credentials::new(user.to_string(), token.secret().to_string());
+        let pool = Arc::new(SessionPool::new(
+            &self.host,
+            self.port,
+            security,
+            self.timeout,
+            Some((vec![Mechanism::Xoauth2], credentials)),
+            self.sessions,
+        ));
         *smtp = Some((token.clone(), pool.clone()));
         pool
     }
@@ -110,23 +104,20 @@ impl Xoauth2Transport {
         let mailbox = self.mailbox(&user);
         let _session = mailbox.limits.enter().await;
         let pool = self.pool(&mailbox, &user, token);
-        match pool.send_raw(&message.envelope, &message.bytes).await {
-            Ok(response) => {
-                mailbox.limits.succeeded();
-                Outcome::Sent {
-                    code: Some(u16::from(response.code())),
-                    reply: response.message().collect::<Vec<_>>().join(" "),
-                }
+        let server = format!("{}:{}", self.host, self.port);
+        let outcome = match pool.send(&message.envelope, &message.bytes).await {
+            Ok(response) => relay::sent(&response),
+            Err(e) => relay::classify_session(e, &server, |e, server| classify(e, server, &user)),
+        };
+        match &outcome {
+            Outcome::Sent { .. } => mailbox.limits.succeeded(),
+            Outcome::Throttled { .. } => {
+                let sessions = mailbox.limits.throttled();
+                tracing::warn!(mailbox = %user, sessions, "throttled; fewer sessions for this mailbox");
             }
-            Err(e) => {
-                let outcome = classify(&e, &format!("{}:{}", self.host, self.port), &user);
-                if let Outcome::Throttled { .. } = outcome {
-                    let sessions = mailbox.limits.throttled();
-                    tracing::warn!(mailbox = %user, sessions, "throttled; fewer sessions for this mailbox");
-                }
-                outcome
-            }
+            _ => {}
         }
+        outcome
     }
 }
 
