@@ -113,6 +113,7 @@ pub async fn test_email(row: SettingsRow, ctx: &Context, to: &str, kind: SenderK
         attempts: 1,
         max_attempts: None,
         message_id: format!("<test-{:016x}@{}>", fastrand::u64(..), from.email.domain()),
+        attachment_count: 0,
     };
     let rendered = match render::render(&message, &[], &from, ctx.delivery.max_message_bytes) {
         Ok(r) => r,

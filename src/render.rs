@@ -246,6 +246,7 @@ mod tests {
             attempts: 1,
             max_attempts: None,
             message_id: "<abc@teos.example>".into(),
+            attachment_count: 0,
         }
     }
 

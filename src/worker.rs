@@ -371,15 +371,15 @@ impl Worker {
     }
 
     async fn render(&self, row: &ClaimedRow, from: &Mailbox) -> Result<Rendered, Outcome> {
-        let attachments = self
-            .store
-            .attachments(row.id)
-            .await
-            .map_err(|e| Outcome::Transient {
+        let attachments = if row.attachment_count == 0 {
+            Vec::new()
+        } else {
+            self.store.attachments(row.id).await.map_err(|e| Outcome::Transient {
                 reason: format!("cannot read the attachments: {e}"),
                 code: None,
                 retry_after: None,
-            })?;
+            })?
+        };
         render::render(row, &attachments, from, self.cfg.max_message_bytes).map_err(|e| {
             Outcome::Permanent {
                 reason: e.0,

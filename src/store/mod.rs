@@ -81,6 +81,8 @@ pub struct ClaimedRow {
     pub max_attempts: Option<i32>,
     /// Assigned at the first claim, reused on every retry.
     pub message_id: String,
+    /// Rows in mail_attachment; most mail has none, and then none are read.
+    pub attachment_count: i64,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -362,8 +364,10 @@ impl Store {
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
                 .log_statements(tracing::log::LevelFilter::Trace);
+            // SQLite takes one writer at a time; writers queueing on one connection
+            // beat writers spinning on the file lock.
             let pool = SqlitePoolOptions::new()
-                .max_connections(cfg.max_connections)
+                .max_connections(1)
                 .acquire_timeout(timeout)
                 .connect_with(options)
                 .await?;

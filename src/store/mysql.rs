@@ -144,7 +144,9 @@ pub(super) async fn claim(
         .await?;
     let select = format!(
         "SELECT id, module, sender, to_addrs, cc_addrs, bcc_addrs, reply_to, subject, body_text,
-                body_html, headers, priority, attempts, max_attempts, message_id
+                body_html, headers, priority, attempts, max_attempts, message_id,
+                (SELECT COUNT(*) FROM mail_attachment a WHERE a.outbox_id = mail_outbox.id)
+                    AS attachment_count
          FROM mail_outbox WHERE id IN ({list})"
     );
     let rows = sqlx::query_as(sqlx::AssertSqlSafe(select))

@@ -27,7 +27,8 @@ pub(super) const QUERIES: Queries = Queries {
         WHERE m.id = due.id
         RETURNING m.id, m.module, m.sender, m.to_addrs, m.cc_addrs, m.bcc_addrs, m.reply_to,
                   m.subject, m.body_text, m.body_html, m.headers, m.priority, m.attempts,
-                  m.max_attempts, m.message_id",
+                  m.max_attempts, m.message_id,
+                  (SELECT COUNT(*) FROM mail_attachment a WHERE a.outbox_id = m.id) AS attachment_count",
     finish: "
         UPDATE mail_outbox
         SET status = $1,

@@ -42,7 +42,9 @@ pub(super) const QUERIES: Queries = Queries {
             LIMIT ?3
         )
         RETURNING id, module, sender, to_addrs, cc_addrs, bcc_addrs, reply_to, subject, body_text,
-                  body_html, headers, priority, attempts, max_attempts, message_id"),
+                  body_html, headers, priority, attempts, max_attempts, message_id,
+                  (SELECT COUNT(*) FROM mail_attachment a WHERE a.outbox_id = mail_outbox.id)
+                      AS attachment_count"),
     finish: concat!("
         UPDATE mail_outbox
         SET status = ?1,
