@@ -74,7 +74,6 @@ impl Delivery {
 
 pub struct Worker {
     store: Store,
-    cfg: DeliveryConfig,
     ctx: Context,
     tokens: Arc<TokenManager>,
     /// This daemon's name in lease_owner: host, pid and a random part, so that two
@@ -109,22 +108,20 @@ impl Worker {
         settings: watch::Receiver<Arc<Settings>>,
         wake: Arc<Notify>,
     ) -> Worker {
-        let cfg = ctx.delivery.clone();
         let host = hostname::get()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
         let owner = format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..));
-        let message_id_domain = if cfg.message_id_domain.is_empty() {
+        let message_id_domain = if ctx.delivery.message_id_domain.is_empty() {
             host
         } else {
-            cfg.message_id_domain.clone()
+            ctx.delivery.message_id_domain.clone()
         };
         let first = settings.borrow().clone();
         Worker {
             delivery: Mutex::new(Arc::new(Delivery::new(first, &ctx))),
             settings: Mutex::new(settings),
             store,
-            cfg,
             ctx,
             tokens,
             owner,
@@ -132,6 +129,10 @@ impl Worker {
             wake,
             paused: Mutex::new((None, Vec::new())),
         }
+    }
+
+    fn cfg(&self) -> &DeliveryConfig {
+        &self.ctx.delivery
     }
 
     pub fn owner(&self) -> &str {
@@ -189,7 +190,7 @@ impl Worker {
             .claim(
                 &self.owner,
                 u32::try_from(limit).unwrap_or(u32::MAX),
-                self.cfg.lease(),
+                self.cfg().lease(),
                 &self.message_id_domain,
                 &paused,
             )
@@ -199,7 +200,7 @@ impl Worker {
     /// One batch, start to finish: claims up to `concurrency` rows and delivers them.
     /// Tests call this to drive the worker one step at a time.
     pub async fn run_once(self: &Arc<Self>) -> Result<Pass, sqlx::Error> {
-        let rows = self.claim(self.cfg.concurrency as usize).await?;
+        let rows = self.claim(self.cfg().concurrency as usize).await?;
         let claimed = rows.len();
         let (_stop_tx, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -215,7 +216,7 @@ impl Worker {
     /// With `until_idle`, also returns once nothing is due and nothing is in flight.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>, until_idle: bool) {
         tokio::pin!(shutdown);
-        let slots = Arc::new(Semaphore::new(self.cfg.concurrency as usize));
+        let slots = Arc::new(Semaphore::new(self.cfg().concurrency as usize));
         let (stop_tx, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut db_backoff = None;
@@ -250,7 +251,7 @@ impl Worker {
                     }
                     tokio::select! {
                         () = self.wake.notified() => {}
-                        () = tokio::time::sleep(self.cfg.poll_interval()) => {}
+                        () = tokio::time::sleep(self.cfg().poll_interval()) => {}
                         Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                         () = &mut shutdown => break,
                     }
@@ -279,11 +280,11 @@ impl Worker {
         if in_flight > 0 {
             tracing::info!(
                 in_flight,
-                grace_secs = self.cfg.shutdown_grace_secs,
+                grace_secs = self.cfg().shutdown_grace_secs,
                 "draining"
             );
         }
-        let drained = tokio::time::timeout(self.cfg.shutdown_grace(), async {
+        let drained = tokio::time::timeout(self.cfg().shutdown_grace(), async {
             while tasks.join_next().await.is_some() {}
         })
         .await;
@@ -374,13 +375,16 @@ impl Worker {
         let attachments = if row.attachment_count == 0 {
             Vec::new()
         } else {
-            self.store.attachments(row.id).await.map_err(|e| Outcome::Transient {
-                reason: format!("cannot read the attachments: {e}"),
-                code: None,
-                retry_after: None,
-            })?
+            self.store
+                .attachments(row.id)
+                .await
+                .map_err(|e| Outcome::Transient {
+                    reason: format!("cannot read the attachments: {e}"),
+                    code: None,
+                    retry_after: None,
+                })?
         };
-        render::render(row, &attachments, from, self.cfg.max_message_bytes).map_err(|e| {
+        render::render(row, &attachments, from, self.cfg().max_message_bytes).map_err(|e| {
             Outcome::Permanent {
                 reason: e.0,
                 code: None,
@@ -399,7 +403,7 @@ impl Worker {
         let max_attempts = row
             .max_attempts
             .and_then(|m| u32::try_from(m).ok())
-            .unwrap_or(self.cfg.max_attempts);
+            .unwrap_or(self.cfg().max_attempts);
         let attempt = u32::try_from(row.attempts).unwrap_or(0);
         let code = outcome.code();
         let took_ms = took.as_millis() as u64;
@@ -434,8 +438,8 @@ impl Worker {
                 let delay = retry_after.unwrap_or_else(|| {
                     retry::next_delay(
                         attempt,
-                        Duration::from_secs(self.cfg.retry_base_secs),
-                        Duration::from_secs(self.cfg.retry_cap_secs),
+                        Duration::from_secs(self.cfg().retry_base_secs),
+                        Duration::from_secs(self.cfg().retry_cap_secs),
                     )
                 });
                 tracing::info!(code, reason = %reason, retry_in_secs = delay.as_secs(), "will retry");
@@ -445,11 +449,14 @@ impl Worker {
             }
             Outcome::Configuration { reason, .. } | Outcome::TokenRejected { reason, .. } => {
                 let sender = kind.map_or("*", SenderKind::as_str);
-                if self.pause(sender, reason, self.cfg.config_recheck()).await {
+                if self
+                    .pause(sender, reason, self.cfg().config_recheck())
+                    .await
+                {
                     tracing::error!(
                         sender,
                         reason = %reason,
-                        recheck_in_secs = self.cfg.config_recheck_secs,
+                        recheck_in_secs = self.cfg().config_recheck_secs,
                         "sender paused: its mail waits until the mail settings are fixed"
                     );
                 }
@@ -507,7 +514,7 @@ impl Worker {
         let written = write
             .retry(
                 retry::reconnect_backoff(Duration::from_secs(10))
-                    .with_total_delay(Some(self.cfg.lease() / 2)),
+                    .with_total_delay(Some(self.cfg().lease() / 2)),
             )
             .notify(|e, after| {
                 tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "cannot record the outcome yet");
