@@ -86,24 +86,21 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def proc_cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a process, in clock ticks."""
+def proc_cpu_split(pid: int) -> tuple[int, int] | None:
+    """(utime, stime) of a process, in clock ticks."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     fields = data[data.rfind(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
 
 
-def system_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs since boot."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
-    total = sum(parts[:8])
-    return total - idle, total
+def proc_cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, in clock ticks."""
+    split = proc_cpu_split(pid)
+    return sum(split) if split else None
 
 
 def pids_by_comm(names: tuple[str, ...]) -> list[int]:
@@ -135,19 +132,17 @@ def pg_backends_of(db: str) -> list[int]:
 
 
 class CpuTracker:
-    """CPU seconds of the database side, of smtp-sink and of the whole machine during a
-    run. PostgreSQL: the backends of our database (new processes; the last reading of
+    """CPU seconds of the database side and of smtp-sink during a run. PostgreSQL: the backends of our database (new processes; the last reading of
     each is kept, so a backend that exits loses at most one scan period). MariaDB: the
     whole mariadbd process (it is shared, so this includes other clients)."""
 
     def __init__(self, pg_db: str | None = None, mariadb: bool = False, sink_pid: int | None = None):
         self.pg_db = pg_db
-        self.pg_last: dict[int, int] = {}
+        self.pg_last: dict[int, tuple[int, int]] = {}
         self.maria_pids = pids_by_comm(("mariadbd", "mysqld")) if mariadb else []
         self.maria_start = sum(proc_cpu_ticks(p) or 0 for p in self.maria_pids)
         self.sink_pid = sink_pid
         self.sink_start = proc_cpu_ticks(sink_pid) if sink_pid else None
-        self.sys_start = system_ticks()
         self.last_scan = 0.0
         self.result: dict[str, float] = {}
 
@@ -158,22 +153,16 @@ class CpuTracker:
         self.last_scan = now
         if self.pg_db:
             for pid in set(pg_backends_of(self.pg_db)) | set(self.pg_last):
-                ticks = proc_cpu_ticks(pid)
+                ticks = proc_cpu_split(pid)
                 if ticks is not None:
-                    self.pg_last[pid] = max(ticks, self.pg_last.get(pid, 0))
+                    self.pg_last[pid] = max(ticks, self.pg_last.get(pid, (0, 0)))
 
     def finish(self) -> dict[str, float]:
         self.scan(force=True)
-        busy0, total0 = self.sys_start
-        busy1, total1 = system_ticks()
-        ncpu = os.cpu_count() or 1
-        # /proc/stat counts all CPUs; express the busy part in CPU seconds.
-        res = {
-            "machine_cpu_s": (busy1 - busy0) / CLK_TCK,
-            "machine_cores_busy": (busy1 - busy0) / max(1, total1 - total0) * ncpu,
-        }
+        res: dict[str, float] = {}
         if self.pg_db:
-            res["db_cpu_s"] = sum(self.pg_last.values()) / CLK_TCK
+            res["db_cpu_s"] = sum(sum(v) for v in self.pg_last.values()) / CLK_TCK
+            res["db_sys_s"] = sum(v[1] for v in self.pg_last.values()) / CLK_TCK
             res["db_backends"] = len(self.pg_last)
         if self.maria_pids:
             res["db_cpu_s"] = (sum(proc_cpu_ticks(p) or 0 for p in self.maria_pids) - self.maria_start) / CLK_TCK
@@ -576,12 +565,14 @@ class DrainRun:
     exit_code: int | None = None
     peak_rss_mb: float = 0.0
     daemon_cpu_s: float = 0.0
+    daemon_sys_s: float = 0.0
     cpu: dict = field(default_factory=dict)
     xacts_per_msg: float | None = None
     log_lines: list = field(default_factory=list)
     timed_out: bool = False
     insert_s: float = 0.0
     fifths: list = field(default_factory=list)  # msg/s in each fifth of the sent rows
+    load_before: str = "?"
 
 
 class Bench:
@@ -683,6 +674,7 @@ class Bench:
         run = DrainRun(t.kind, rep, rows)
         run.insert_s = self.prepare(t, rows)
         x0 = t.xacts()
+        run.load_before = loadavg1()
         tracker = CpuTracker(pg_db=t.name if isinstance(t, PgTarget) else None,
                              mariadb=isinstance(t, MariaTarget), sink_pid=self.sink.pid)
         name = f"drain-{t.kind.lower()}-{rep}"
@@ -699,6 +691,7 @@ class Bench:
         run.exit_code = d.exit.code if d.exit else None
         ru = d.exit.rusage if d.exit else None
         run.daemon_cpu_s = (ru.ru_utime + ru.ru_stime) if ru else 0.0
+        run.daemon_sys_s = ru.ru_stime if ru else 0.0
         run.peak_rss_mb = d.peak_rss_kb / 1024
         run.statuses = t.status_counts()
         run.sent, run.span_s = t.sent_span()
@@ -717,8 +710,7 @@ class Bench:
         log(f"{name}: {run.sent:,} sent in {run.wall_s:.2f} s = {run.rate:,.0f} msg/s "
             f"(first→last sent_at {run.span_rate:,.0f} msg/s); peak RSS {run.peak_rss_mb:.1f} MB; "
             f"CPU s: teos-mailer {run.daemon_cpu_s:.2f}, db {db_cpu if db_cpu is not None else float('nan'):.2f}, "
-            f"smtp-sink {cpu.get('sink_cpu_s', 0):.2f}, machine {cpu['machine_cpu_s']:.2f} "
-            f"({cpu['machine_cores_busy']:.2f} of {os.cpu_count()} cores busy)"
+            f"smtp-sink {cpu.get('sink_cpu_s', 0):.2f}; load average before {run.load_before}"
             + (f"; {run.xacts_per_msg:.2f} PostgreSQL transactions per message" if run.xacts_per_msg else "")
             + f"; msg/s per fifth of the rows: {fmt_runs(run.fifths)}")
         return run
@@ -744,7 +736,10 @@ class Bench:
         ratio = rate / self.raw_reuse if self.raw_reuse else 0.0
         all_sent = all(r.statuses.get("sent", 0) == r.rows and not r.timed_out for r in runs)
         check = "all sent" if all_sent else "NOT all sent: " + "; ".join(
-            f"run {r.rep}: {r.statuses}" for r in runs if r.statuses.get("sent", 0) != r.rows)
+            f"run {r.rep}: {r.statuses}" + (" after SIGTERM at the drain timeout" if r.timed_out else "")
+            for r in runs if r.statuses.get("sent", 0) != r.rows or r.timed_out)
+        codes = sorted({r.exit_code for r in runs}, key=str)
+        check += "; exit status " + "/".join(str(c) for c in codes)
         self.row(f"{kind}: drain {self.args.rows:,} rows, `run --until-idle`, concurrency {CONCURRENCY} (median of {len(runs)})",
                  f"{rate:,.0f} msg/s (runs {fmt_runs([r.rate for r in runs])}; {check})",
                  f"≥ {TARGET_RAW_FRACTION:.0%} of raw = {TARGET_RAW_FRACTION * self.raw_reuse:,.0f} msg/s" if target else "—",
@@ -759,18 +754,20 @@ class Bench:
                      f"last ÷ first fifth {mid.fifths[-1] / mid.fifths[0]:.2f}" if mid.fifths[0] else "—")
         self.row(f"{kind}: peak RSS during the drain (median)",
                  f"{statistics.median(r.peak_rss_mb for r in runs):.1f} MB", "—", "—")
-        cpu_parts = [f"teos-mailer {statistics.median(r.daemon_cpu_s for r in runs):.2f}"]
+        cpu_parts = [f"teos-mailer {statistics.median(r.daemon_cpu_s for r in runs):.2f} "
+                     f"(of which kernel {statistics.median(r.daemon_sys_s for r in runs):.2f})"]
         if all("db_cpu_s" in r.cpu for r in runs):
             label = "postgres backends" if kind == "PostgreSQL" else "mariadbd (whole server)"
-            cpu_parts.append(f"{label} {statistics.median(r.cpu['db_cpu_s'] for r in runs):.2f}")
+            part = f"{label} {statistics.median(r.cpu['db_cpu_s'] for r in runs):.2f}"
+            if all("db_sys_s" in r.cpu for r in runs):
+                part += f" (of which kernel {statistics.median(r.cpu['db_sys_s'] for r in runs):.2f})"
+            cpu_parts.append(part)
         cpu_parts.append(f"smtp-sink {statistics.median(r.cpu.get('sink_cpu_s', 0) for r in runs):.2f}")
-        others = statistics.median(r.cpu["machine_cpu_s"] - r.daemon_cpu_s - r.cpu.get("db_cpu_s", 0)
-                                   - r.cpu.get("sink_cpu_s", 0) for r in runs)
-        cpu_parts.append(f"everything else {max(0.0, others):.2f}")
-        cpu_parts.append(f"whole machine {statistics.median(r.cpu['machine_cpu_s'] for r in runs):.2f} "
-                         f"({statistics.median(r.cpu['machine_cores_busy'] for r in runs):.2f} of {os.cpu_count()} cores busy)")
-        self.row(f"{kind}: CPU seconds per drain (median)", ", ".join(cpu_parts), "—",
-                 f"{statistics.median(r.daemon_cpu_s for r in runs) / self.args.rows * 1e6:.0f} µs teos-mailer CPU per message")
+        cpu_parts.append("1-min load average before each run " + " / ".join(r.load_before for r in runs))
+        per_msg = f"{statistics.median(r.daemon_cpu_s / max(1, r.sent) for r in runs) * 1e6:,.0f} µs teos-mailer"
+        if all("db_cpu_s" in r.cpu for r in runs):
+            per_msg += f" + {statistics.median(r.cpu['db_cpu_s'] / max(1, r.sent) for r in runs) * 1e6:,.0f} µs database"
+        self.row(f"{kind}: CPU seconds per drain (median)", ", ".join(cpu_parts), "—", per_msg + " CPU per message")
         if all(r.xacts_per_msg for r in runs):
             self.row(f"{kind}: database transactions per message (pg_stat_database)",
                      f"{statistics.median(r.xacts_per_msg for r in runs):.2f}", "—", "—")
@@ -973,6 +970,11 @@ class Bench:
             self.tmp.rmdir()
         except OSError:
             pass
+
+
+def loadavg1() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
 
 
 def rate_by_fifth(times: list[float]) -> list[float]:

@@ -23,7 +23,9 @@ pub fn init(format: LogFormat, level: &str) {
         LogFormat::Plain if std::env::var_os("JOURNAL_STREAM").is_some() => {
             builder.without_time().with_ansi(false).try_init()
         }
-        LogFormat::Plain => builder.try_init(),
+        LogFormat::Plain => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     // A second init (tests) keeps the first subscriber.
     let _ = installed;

@@ -32,7 +32,9 @@ pub(super) const QUERIES: Queries = Queries {
             message_id = COALESCE(message_id, '<' || lower(hex(randomblob(16))) || '@' || ?6 || '>'),
             updated_at = ", now!(), "
         WHERE id IN (
-            SELECT id FROM mail_outbox
+            -- Without statistics SQLite would pick the status index and sort every
+            -- pending row for each claim.
+            SELECT id FROM mail_outbox INDEXED BY mail_outbox_due
             WHERE status = 'pending'
               AND next_attempt_at <= ", now!(), "
               AND (not_before IS NULL OR julianday(not_before) <= julianday('now'))
