@@ -12,7 +12,8 @@ use teos_mailer::store::{OAuthUpdate, Store};
 use teos_mailer::token::{GRAPH_SCOPE, TokenKey, TokenManager};
 
 use crate::support::{
-    Daemon, Dialect, Peer, TestDb, assert_waits, eventually, header, mail, until_paused, worker,
+    Daemon, Dialect, Peer, TestDb, assert_waits, eventually, header, mail, run_until_sent,
+    until_paused, worker,
 };
 
 const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
@@ -171,15 +172,7 @@ async fn graph_throttling_backs_the_mailbox_off_without_spending_the_attempt() {
     assert_waits(&store, id, "429").await;
 
     // Retry-After: 1 — then both go.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            w.run_once().await.unwrap();
-            db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
-                .await
-                == 2
-        })
-        .await
-    );
+    assert!(run_until_sent(&w, &db, 2).await);
     let history: Vec<String> = store
         .attempts(id)
         .await
@@ -558,15 +551,7 @@ async fn exchange_432_throttles_the_mailbox() {
     let w = worker(&cfg).await;
     w.run_once().await.unwrap();
     assert_waits(&store, id, "4.3.2").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            w.run_once().await.unwrap();
-            db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
-                .await
-                == 1
-        })
-        .await
-    );
+    assert!(run_until_sent(&w, &db, 1).await);
     let tokens: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(server.dir.path().join("stats.json")).unwrap())
             .map(|s: serde_json::Value| s["tokens"].as_array().unwrap().clone())

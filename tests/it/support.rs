@@ -406,6 +406,17 @@ pub async fn until_paused(store: &Store) -> bool {
     .await
 }
 
+/// Runs `worker` pass after pass until `n` rows are sent (at most 10 s).
+pub async fn run_until_sent(worker: &Arc<Worker>, db: &TestDb, n: i64) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        worker.run_once().await.unwrap();
+        db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sent'")
+            .await
+            == n
+    })
+    .await
+}
+
 /// Polls `check` until it holds or `limit` passes; returns whether it held.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where

@@ -93,11 +93,7 @@ class Store:
         self.seq = 0
 
     def _atomic_write(self, name: str, data: bytes) -> None:
-        final = os.path.join(self.dir, name)
-        tmp = os.path.join(self.dir, "." + name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
+        peer_common.atomic_write(self.dir, name, data)
 
     def save(self, mime: bytes, meta: dict) -> str:
         with self.lock:

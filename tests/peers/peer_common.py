@@ -54,6 +54,15 @@ def setup_logging(name: str, verbose: bool) -> logging.Logger:
     return logging.getLogger(name)
 
 
+def atomic_write(directory: str, name: str, data: bytes) -> None:
+    """Writes DIR/name through a temporary file, so a reader never sees half of it."""
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, "." + name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, final)
+
+
 def announce(obj: dict) -> None:
     """Print the single ready line on stdout and flush."""
     sys.stdout.write(json.dumps(obj) + "\n")

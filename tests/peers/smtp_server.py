@@ -15,8 +15,8 @@ behaviour selected by the recipient's local part.
 from __future__ import annotations
 
 import argparse
-import collections
 import asyncio
+import collections
 import base64
 import binascii
 import fcntl
@@ -36,6 +36,9 @@ import warnings
 from typing import NamedTuple
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+
+sys.dont_write_bytecode = True
+import peer_common  # noqa: E402  (beside this file)
 
 log = logging.getLogger("smtp_server")
 
@@ -85,11 +88,7 @@ class Store:
         self.write_stats()
 
     def _atomic_write(self, name: str, data: bytes) -> None:
-        final = os.path.join(self.dir, name)
-        tmp = os.path.join(self.dir, "." + name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
+        peer_common.atomic_write(self.dir, name, data)
 
     def write_stats(self) -> None:
         self._atomic_write("stats.json", json.dumps(self.stats).encode())
