@@ -116,3 +116,35 @@ async fn enqueue_json_then_cancel_retry_and_show() {
     let out = teos(&db, &["queue", "show", "7"], "");
     assert!(text(&out).contains("there is no outbox row 7"));
 }
+
+/// Under systemd (Type=notify) the daemon says READY=1 once it can deliver and
+/// STOPPING=1 when it drains.
+#[tokio::test]
+async fn the_daemon_notifies_systemd() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_teos-mailer"))
+        .args(["run", "--until-idle"])
+        .env("TEOS_MAILER__DATABASE__URL", &db.url)
+        .env("TEOS_MAILER__DELIVERY__TRANSPORT", "pickup")
+        .env(
+            "TEOS_MAILER__DELIVERY__PICKUP_DIR",
+            dir.path().join("pickup"),
+        )
+        .env("NOTIFY_SOCKET", &socket_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < 2 {
+        let n = socket.recv(&mut buf).unwrap();
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert_eq!(got, ["READY=1", "STOPPING=1"]);
+}
