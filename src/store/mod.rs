@@ -485,19 +485,37 @@ impl Store {
         finish: &Finish,
         record: Option<&AttemptRecord<'_>>,
     ) -> Result<bool, DbError> {
+        /// The outcome's parameters, the same for every statement that writes one.
+        macro_rules! bind_finish {
+            ($query:expr) => {
+                $query
+                    .bind(finish.status.as_str())
+                    .bind(i32::from(finish.give_back))
+                    .bind(finish.retry_in.map(duration_ms))
+                    .bind(finish.error.as_deref())
+                    .bind(finish.smtp_code.map(i32::from))
+                    .bind(finish.reply.as_deref())
+                    .bind(finish.status == RowStatus::Sent)
+                    .bind(id)
+                    .bind(owner)
+            };
+        }
+        if let (Store::Postgres(pool), Some(r)) = (self, record) {
+            let updated: i64 = bind_finish!(sqlx::query_scalar(postgres::FINISH_AND_RECORD))
+                .bind(r.attempt)
+                .bind(duration_ms(r.duration))
+                .bind(r.transport)
+                .bind(r.outcome)
+                .bind(r.smtp_code.map(i32::from))
+                .bind(r.detail)
+                .fetch_one(pool)
+                .await?;
+            return Ok(updated == 1);
+        }
         let q = self.queries();
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let updated = sqlx::query(q.finish)
-                .bind(finish.status.as_str())
-                .bind(i32::from(finish.give_back))
-                .bind(finish.retry_in.map(duration_ms))
-                .bind(finish.error.as_deref())
-                .bind(finish.smtp_code.map(i32::from))
-                .bind(finish.reply.as_deref())
-                .bind(finish.status == RowStatus::Sent)
-                .bind(id)
-                .bind(owner)
+            let updated = bind_finish!(sqlx::query(q.finish))
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();

@@ -3,6 +3,42 @@
 
 use super::Queries;
 
+/// Ends an attempt on a row this daemon holds: (status, give back 0/1, retry delay ms or
+/// NULL, error, code, reply, sent, id, owner).
+macro_rules! finish_update {
+    () => {
+        "
+        UPDATE mail_outbox
+        SET status = $1,
+            attempts = attempts - $2,
+            next_attempt_at = COALESCE(now() + make_interval(secs => $3 / 1000.0), next_attempt_at),
+            last_error = COALESCE($4, last_error),
+            last_smtp_code = COALESCE($5, last_smtp_code),
+            last_reply = COALESCE($6, last_reply),
+            sent_at = CASE WHEN $7 THEN now() ELSE sent_at END,
+            lease_owner = NULL,
+            lease_until = NULL,
+            updated_at = now()
+        WHERE id = $8 AND lease_owner = $9 AND status = 'sending'"
+    };
+}
+
+/// The outcome and its history row in one statement: one round trip and one commit
+/// instead of four round trips in a transaction. The history parameters follow the
+/// outcome's: (attempt, duration ms, transport, outcome, code, detail) → rows updated.
+pub(super) const FINISH_AND_RECORD: &str = concat!(
+    "WITH done AS (",
+    finish_update!(),
+    "
+        RETURNING id
+    ), history AS (
+        INSERT INTO mail_attempt
+            (outbox_id, attempt, duration_ms, transport, outcome, smtp_code, detail, daemon)
+        SELECT id, $10, $11, $12, $13, $14, $15, $9 FROM done
+    )
+    SELECT COUNT(*) FROM done"
+);
+
 pub(super) const QUERIES: Queries = Queries {
     claim: "
         WITH due AS (
@@ -29,19 +65,7 @@ pub(super) const QUERIES: Queries = Queries {
                   m.subject, m.body_text, m.body_html, m.headers, m.priority, m.attempts,
                   m.max_attempts, m.message_id,
                   (SELECT COUNT(*) FROM mail_attachment a WHERE a.outbox_id = m.id) AS attachment_count",
-    finish: "
-        UPDATE mail_outbox
-        SET status = $1,
-            attempts = attempts - $2,
-            next_attempt_at = COALESCE(now() + make_interval(secs => $3 / 1000.0), next_attempt_at),
-            last_error = COALESCE($4, last_error),
-            last_smtp_code = COALESCE($5, last_smtp_code),
-            last_reply = COALESCE($6, last_reply),
-            sent_at = CASE WHEN $7 THEN now() ELSE sent_at END,
-            lease_owner = NULL,
-            lease_until = NULL,
-            updated_at = now()
-        WHERE id = $8 AND lease_owner = $9 AND status = 'sending'",
+    finish: finish_update!(),
     record_attempt: "
         INSERT INTO mail_attempt
             (outbox_id, attempt, duration_ms, transport, outcome, smtp_code, detail, daemon)
