@@ -37,6 +37,15 @@ fn entra(extra: &[&str]) -> Peer {
     Peer::start("token_server.py", &args)
 }
 
+/// Dovecot's submission service relaying to a fresh sink; returns (dovecot, sink).
+fn dovecot(extra: &[&str]) -> (Peer, Peer) {
+    let sink = Peer::smtp(&[]);
+    let relay_port = sink.port.to_string();
+    let mut args = vec!["--relay-port", &relay_port, "--pub", PUB, "--dir", "{dir}"];
+    args.extend_from_slice(extra);
+    (Peer::start("dovecot_submission.py", &args), sink)
+}
+
 fn graph() -> Peer {
     Peer::start(
         "graph_server.py",
@@ -332,12 +341,7 @@ async fn first_token_requests_are_shared_by_concurrent_sends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_xoauth2_through_dovecot_with_starttls() {
     let db = TestDb::new(Dialect::Sqlite).await;
-    let sink = Peer::smtp(&[]);
-    let relay_port = sink.port.to_string();
-    let dovecot = Peer::start(
-        "dovecot_submission.py",
-        &["--relay-port", &relay_port, "--pub", PUB, "--dir", "{dir}"],
-    );
+    let (dovecot, sink) = dovecot(&[]);
     let token = entra(&[]);
     use_oauth(&db, "smtp", &token, SECRET, Some(dovecot.port), None).await;
     let store = db.store().await;
@@ -385,12 +389,7 @@ async fn smtp_xoauth2_through_dovecot_with_starttls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_token_is_refetched_once_then_pauses_the_sender() {
     let db = TestDb::new(Dialect::Sqlite).await;
-    let sink = Peer::smtp(&[]);
-    let relay_port = sink.port.to_string();
-    let dovecot = Peer::start(
-        "dovecot_submission.py",
-        &["--relay-port", &relay_port, "--pub", PUB, "--dir", "{dir}"],
-    );
+    let (dovecot, sink) = dovecot(&[]);
     // Tokens signed under a key id Dovecot does not know.
     let token = entra(&["--kid", "unknown1"]);
     use_oauth(&db, "smtp", &token, SECRET, Some(dovecot.port), None).await;
@@ -413,20 +412,7 @@ async fn refused_token_is_refetched_once_then_pauses_the_sender() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_over_an_unencrypted_connection() {
     let db = TestDb::new(Dialect::Sqlite).await;
-    let sink = Peer::smtp(&[]);
-    let relay_port = sink.port.to_string();
-    let dovecot = Peer::start(
-        "dovecot_submission.py",
-        &[
-            "--relay-port",
-            &relay_port,
-            "--pub",
-            PUB,
-            "--dir",
-            "{dir}",
-            "--no-tls",
-        ],
-    );
+    let (dovecot, sink) = dovecot(&["--no-tls"]);
     let token = entra(&[]);
     use_oauth(&db, "smtp", &token, SECRET, Some(dovecot.port), None).await;
     let store = db.store().await;

@@ -47,7 +47,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
 import uuid  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+from http.server import BaseHTTPRequestHandler  # noqa: E402
 
 import jwt  # noqa: E402  (pyjwt)
 
@@ -411,19 +411,7 @@ def main(argv=None) -> int:
     log = peer_common.setup_logging("graph_server", a.verbose)
     st = State(a)
     Handler.st = st
-    ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer.allow_reuse_address = True
-    srv = ThreadingHTTPServer((a.host, a.port), Handler)
-    port = srv.server_address[1]
-    stop = peer_common.stop_event(a.ignore_stdin)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-    log.info("listening on %s:%d, writing to %s", a.host, port, a.dir)
-    peer_common.announce({"port": port})
-    peer_common.wait_for(stop)
-    log.info("shutting down")
-    srv.shutdown()
-    srv.server_close()
-    return 0
+    return peer_common.serve_http(Handler, a.ignore_stdin, a.host, a.port, log, f"writing to {a.dir}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,26 @@ def atomic_write(directory: str, name: str, data: bytes) -> None:
     os.replace(tmp, final)
 
 
+def serve_http(handler, ignore_stdin: bool, host: str, port: int, log, what: str) -> int:
+    """Serves `handler` on host:port until stdin closes or a signal comes; announces the
+    port once listening."""
+    from http.server import ThreadingHTTPServer
+
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer.allow_reuse_address = True
+    srv = ThreadingHTTPServer((host, port), handler)
+    port = srv.server_address[1]
+    stop = stop_event(ignore_stdin)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    log.info("listening on %s:%d, %s", host, port, what)
+    announce({"port": port})
+    wait_for(stop)
+    log.info("shutting down")
+    srv.shutdown()
+    srv.server_close()
+    return 0
+
+
 def announce(obj: dict) -> None:
     """Print the single ready line on stdout and flush."""
     sys.stdout.write(json.dumps(obj) + "\n")
