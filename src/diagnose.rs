@@ -120,7 +120,9 @@ pub async fn test_email(row: SettingsRow, ctx: &Context, to: &str, kind: SenderK
         Err(e) => return report.fail("message", format!("the test message cannot be built: {e}")),
     };
     let started = Instant::now();
-    match delivery.send(&tokens, &rendered).await {
+    // The check runs to its end: nothing ever asks it to stop.
+    let (_never, stop) = tokio::sync::watch::channel(false);
+    match delivery.send(&tokens, &rendered, &stop).await {
         Outcome::Sent { code, reply } => {
             let code = code.map_or(String::new(), |c| format!("{c} "));
             report.pass(
@@ -142,5 +144,6 @@ pub async fn test_email(row: SettingsRow, ctx: &Context, to: &str, kind: SenderK
         Outcome::Permanent { reason, .. }
         | Outcome::Configuration { reason, .. }
         | Outcome::TokenRejected { reason, .. } => report.fail("send", reason),
+        Outcome::Stopped => report.fail("send", "stopped before sending".into()),
     }
 }

@@ -17,7 +17,7 @@ use crate::retry;
 use crate::settings::{SenderKind, Settings};
 use crate::store::{self, AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
 use crate::token::{TokenError, TokenManager};
-use crate::transport::{Context, Outcome, Transport};
+use crate::transport::{Context, Outcome, Stop, Transport};
 
 /// Settings and the transport built from them; a message keeps the snapshot it started
 /// with, so a settings change never disturbs mail in flight.
@@ -36,12 +36,17 @@ impl Delivery {
 
     /// Sends with a token where the transport needs one. A refused token is dropped
     /// and a fresh one tried once; refused again, the settings are at fault.
-    pub async fn send(&self, tokens: &Arc<TokenManager>, rendered: &Rendered) -> Outcome {
+    pub async fn send(
+        &self,
+        tokens: &Arc<TokenManager>,
+        rendered: &Rendered,
+        stop: &Stop,
+    ) -> Outcome {
         let Some(key) = self.transport.token_key(&self.settings) else {
-            return self.transport.send(rendered, None).await;
+            return self.transport.send(rendered, None, stop).await;
         };
         let Ok(Some(oauth)) = &self.settings.oauth else {
-            return self.transport.send(rendered, None).await;
+            return self.transport.send(rendered, None, stop).await;
         };
         for first_try in [true, false] {
             let token = match tokens.token(&key, &oauth.secret).await {
@@ -57,7 +62,7 @@ impl Delivery {
                     return Outcome::Configuration { reason, code: None };
                 }
             };
-            match self.transport.send(rendered, Some(&token)).await {
+            match self.transport.send(rendered, Some(&token), stop).await {
                 Outcome::TokenRejected { reason, .. } if first_try => {
                     tracing::info!(reason = %reason, "token refused; fetching a new one and trying once more");
                     tokens.invalidate(&key, &token);
@@ -302,7 +307,7 @@ impl Worker {
     async fn deliver(
         self: Arc<Self>,
         row: ClaimedRow,
-        stop: watch::Receiver<bool>,
+        stop: Stop,
         _slot: Option<OwnedSemaphorePermit>,
     ) {
         let delivery = self.delivery();
@@ -316,20 +321,12 @@ impl Worker {
             sender = field::Empty,
         );
         async move {
-            if *stop.borrow() {
-                let give_back = Finish {
-                    status: RowStatus::Pending,
-                    give_back: true,
-                    retry_in: None,
-                    error: None,
-                    smtp_code: None,
-                    reply: None,
-                };
-                self.record(&row, &give_back, None).await;
-                return;
-            }
             let started = Instant::now();
-            let (kind, outcome) = self.attempt(&row, &delivery).await;
+            let (kind, outcome) = if *stop.borrow() {
+                (None, Outcome::Stopped)
+            } else {
+                self.attempt(&row, &delivery, &stop).await
+            };
             self.conclude(
                 &row,
                 kind,
@@ -347,6 +344,7 @@ impl Worker {
         &self,
         row: &ClaimedRow,
         delivery: &Delivery,
+        stop: &Stop,
     ) -> (Option<SenderKind>, Outcome) {
         let kind = match SenderKind::for_row(&row.module, row.sender.as_deref()) {
             Ok(kind) => kind,
@@ -368,7 +366,10 @@ impl Worker {
             Ok(r) => r,
             Err(outcome) => return (Some(kind), outcome),
         };
-        (Some(kind), delivery.send(&self.tokens, &rendered).await)
+        (
+            Some(kind),
+            delivery.send(&self.tokens, &rendered, stop).await,
+        )
     }
 
     async fn render(&self, row: &ClaimedRow, from: &Mailbox) -> Result<Rendered, Outcome> {
@@ -407,7 +408,17 @@ impl Worker {
         let attempt = u32::try_from(row.attempts).unwrap_or(0);
         let code = outcome.code();
         let took_ms = took.as_millis() as u64;
+        if outcome == Outcome::Stopped {
+            // Nothing was attempted: the row goes back as it was, for this daemon's
+            // successor or another one, without waiting for the lease.
+            tracing::info!("given back unsent: the daemon is stopping");
+            let mut back = finish(RowStatus::Pending, None, None, None);
+            back.give_back = true;
+            self.record(row, &back, None).await;
+            return;
+        }
         let (finish, detail) = match &outcome {
+            Outcome::Stopped => unreachable!("handled above"),
             Outcome::Sent { reply, .. } => {
                 tracing::info!(code, reply = %reply, took_ms, "sent");
                 (

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::Outcome;
 use super::mailbox::MailboxLimits;
+use super::{Outcome, Stop};
 use crate::render::Rendered;
 use crate::token::AccessToken;
 
@@ -50,7 +50,7 @@ impl GraphTransport {
             .clone()
     }
 
-    pub async fn send(&self, message: &Rendered, token: &AccessToken) -> Outcome {
+    pub async fn send(&self, message: &Rendered, token: &AccessToken, stop: &Stop) -> Outcome {
         let Some(from) = message.envelope.from() else {
             return Outcome::Permanent {
                 reason: "the message has no sender".into(),
@@ -70,7 +70,9 @@ impl GraphTransport {
             };
         }
         let limits = self.limits(&mailbox);
-        let _slot = limits.enter().await;
+        let Some(_slot) = limits.enter(stop).await else {
+            return Outcome::Stopped;
+        };
         let url = format!("{}/v1.0/users/{}/sendMail", self.base, mailbox);
         let sent = self
             .http

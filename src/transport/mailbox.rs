@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
+
+use super::Stop;
 use tokio::time::Instant;
 
 /// Successes in a row after which a lowered limit goes up by one again.
@@ -36,9 +38,15 @@ impl MailboxLimits {
         }
     }
 
-    /// Waits for a free session and for the mailbox's turn.
-    pub async fn enter(&self) -> SemaphorePermit<'_> {
-        let permit = self.slots.acquire().await.expect("never closed");
+    /// Waits for a free session and for the mailbox's turn; `None` when the daemon
+    /// stops first, so the message can be given back unsent.
+    pub async fn enter(&self, stop: &Stop) -> Option<SemaphorePermit<'_>> {
+        let stopping = super::stopping(stop.clone());
+        tokio::pin!(stopping);
+        let permit = tokio::select! {
+            permit = self.slots.acquire() => permit.expect("never closed"),
+            () = &mut stopping => return None,
+        };
         if let Some(next) = &self.next_start {
             let start = {
                 let mut next = next.lock().unwrap();
@@ -46,9 +54,12 @@ impl MailboxLimits {
                 *next = start + self.spacing;
                 start
             };
-            tokio::time::sleep_until(start).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(start) => {}
+                () = &mut stopping => return None,
+            }
         }
-        permit
+        Some(permit)
     }
 
     pub fn succeeded(&self) {
@@ -87,12 +98,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pacing_spaces_starts_and_throttling_lowers_the_limit() {
         let limits = MailboxLimits::new(3, 30);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let t0 = Instant::now();
         for _ in 0..3 {
-            drop(limits.enter().await);
+            drop(limits.enter(&stop).await.unwrap());
         }
         // 30 a minute: the third message starts 4 s after the first.
         assert_eq!(Instant::now() - t0, Duration::from_secs(4));
+        // A message still waiting for its turn when the daemon stops goes back unsent.
+        let waiting = limits.enter(&stop);
+        stop_tx.send_replace(true);
+        assert!(waiting.await.is_none());
         assert_eq!(limits.throttled(), 2);
         assert_eq!(limits.throttled(), 1);
         assert_eq!(limits.throttled(), 1);

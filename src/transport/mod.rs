@@ -50,6 +50,18 @@ pub enum Outcome {
         code: Option<u16>,
         retry_after: Option<Duration>,
     },
+    /// The daemon began to stop while the message waited for its turn; nothing was sent.
+    Stopped,
+}
+
+/// Tells a send still waiting for its turn that the daemon is stopping (`true`).
+pub type Stop = tokio::sync::watch::Receiver<bool>;
+
+/// Resolves once `stop` says the daemon stops; never, if nobody can say so any more.
+pub(crate) async fn stopping(mut stop: Stop) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl Outcome {
@@ -61,6 +73,7 @@ impl Outcome {
             Outcome::Permanent { .. } => "permanent",
             Outcome::Configuration { .. } | Outcome::TokenRejected { .. } => "configuration",
             Outcome::Throttled { .. } => "throttled",
+            Outcome::Stopped => "stopped",
         }
     }
 
@@ -72,6 +85,7 @@ impl Outcome {
             | Outcome::Configuration { code, .. }
             | Outcome::TokenRejected { code, .. }
             | Outcome::Throttled { code, .. } => *code,
+            Outcome::Stopped => None,
         }
     }
 }
@@ -177,12 +191,17 @@ impl Transport {
         Some(TokenKey::new(oauth, scope))
     }
 
-    pub async fn send(&self, message: &Rendered, token: Option<&AccessToken>) -> Outcome {
+    pub async fn send(
+        &self,
+        message: &Rendered,
+        token: Option<&AccessToken>,
+        stop: &Stop,
+    ) -> Outcome {
         match (self, token) {
             (Transport::Relay(relay), _) => relay.send(message).await,
             (Transport::Pickup(pickup), _) => pickup.send(message).await,
-            (Transport::Xoauth2(smtp), Some(token)) => smtp.send(message, token).await,
-            (Transport::Graph(graph), Some(token)) => graph.send(message, token).await,
+            (Transport::Xoauth2(smtp), Some(token)) => smtp.send(message, token, stop).await,
+            (Transport::Graph(graph), Some(token)) => graph.send(message, token, stop).await,
             (Transport::Xoauth2(_) | Transport::Graph(_), None) => Outcome::Configuration {
                 reason: "no token for Microsoft 365".into(),
                 code: None,

@@ -11,7 +11,7 @@ use lettre::transport::smtp::{self};
 
 use super::mailbox::MailboxLimits;
 use super::session::{Security, SessionPool};
-use super::{Outcome, relay};
+use super::{Outcome, Stop, relay};
 use crate::render::Rendered;
 use crate::token::AccessToken;
 
@@ -93,7 +93,7 @@ impl Xoauth2Transport {
         pool
     }
 
-    pub async fn send(&self, message: &Rendered, token: &AccessToken) -> Outcome {
+    pub async fn send(&self, message: &Rendered, token: &AccessToken, stop: &Stop) -> Outcome {
         let Some(from) = message.envelope.from() else {
             return Outcome::Permanent {
                 reason: "the message has no sender".into(),
@@ -102,7 +102,9 @@ impl Xoauth2Transport {
         };
         let user = from.to_string();
         let mailbox = self.mailbox(&user);
-        let _session = mailbox.limits.enter().await;
+        let Some(_session) = mailbox.limits.enter(stop).await else {
+            return Outcome::Stopped;
+        };
         let pool = self.pool(&mailbox, &user, token);
         let server = format!("{}:{}", self.host, self.port);
         let outcome = match pool.send(&message.envelope, &message.bytes).await {

@@ -650,3 +650,43 @@ async fn secrets_and_tokens_never_reach_the_log() {
     }
     store.close().await;
 }
+
+/// Messages waiting for their mailbox's turn (pacing) when the daemon stops are given
+/// back at once, unsent, instead of staying leased until the lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_gives_back_paced_messages_unsent() {
+    let db = TestDb::new(Dialect::Sqlite).await;
+    let (token, graph) = (entra(&[]), graph());
+    use_oauth(&db, "graph", &token, SECRET, None, Some(graph.port)).await;
+    let store = db.store().await;
+    for i in 0..3 {
+        store
+            .enqueue(&mail("ann@example.com", &format!("paced {i}")))
+            .await
+            .unwrap();
+    }
+    let mut cfg = m365_config(&db);
+    cfg.microsoft365.messages_per_minute = 6; // one every 10 s
+    let daemon = Daemon::start(cfg);
+    assert_eq!(graph.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            db.count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'sending'")
+                .await
+                == 2
+        })
+        .await
+    );
+    daemon.stop().await;
+
+    assert_eq!(graph.received().len(), 1, "nothing more was sent");
+    let waiting = db
+        .count("SELECT COUNT(*) FROM mail_outbox WHERE status = 'pending' AND attempts = 0 AND lease_owner IS NULL")
+        .await;
+    assert_eq!(
+        waiting, 2,
+        "both waiting messages are due again, with no attempt spent"
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM mail_attempt").await, 1);
+    store.close().await;
+}
