@@ -181,13 +181,16 @@ pub enum SettingsCommand {
         /// Read the client secret from this environment variable.
         #[arg(long, value_name = "VAR")]
         secret_env: Option<String>,
+        /// SMTP server for mode smtp (smtp.office365.com).
         #[arg(long)]
         smtp_host: Option<String>,
+        /// Its port (587, STARTTLS).
         #[arg(long)]
         smtp_port: Option<u16>,
         /// login.microsoftonline.com, a sovereign cloud's, or a full URL.
         #[arg(long)]
         authority_host: Option<String>,
+        /// Microsoft Graph for mode graph (https://graph.microsoft.com).
         #[arg(long)]
         graph_base_url: Option<String>,
         #[arg(long)]

@@ -102,6 +102,11 @@ async fn enqueue_json_then_cancel_retry_and_show() {
 
     let out = teos(&db, &["queue", "cancel", "1"], "");
     assert!(out.status.success());
+    let stats = text(&teos(&db, &["queue", "stats"], ""));
+    assert!(
+        stats.contains("pending    0") && stats.contains("cancelled  1"),
+        "{stats}"
+    );
     let out = teos(&db, &["queue", "cancel", "1"], "");
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("not pending"), "{}", text(&out));
