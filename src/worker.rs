@@ -156,10 +156,11 @@ impl Worker {
                     .ok()
                     .cloned()
                     .flatten()
-                    .map(|o| (o.authority, o.tenant, o.client_id, o.secret))
+                    .map(|o| (o.authority, o.tenant, o.client_id, o.secret, o.mode))
             };
             if app(&settings) != app(&current.settings) {
-                // Another app, tenant or secret: tokens of the old one are worthless.
+                // Another app, tenant or secret makes the old tokens worthless; another
+                // mode (or OAuth off) makes them unused, so stop renewing them.
                 self.tokens.clear();
             }
             *current = Arc::new(Delivery::new(settings, &self.ctx));
