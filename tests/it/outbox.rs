@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use teos_mailer::store::{Finish, RowStatus};
+use secrecy::SecretString;
+use teos_mailer::settings::{OAuthMode, Settings};
+use teos_mailer::store::{Finish, OAuthUpdate, RowStatus};
 
 use crate::on_every_db;
 use crate::support::{Dialect, TestDb, mail};
@@ -15,6 +17,7 @@ on_every_db!(
     priority_and_not_before_order_the_claims,
     paused_senders_are_skipped,
     module_inserts_from_the_readme_are_delivered_shape,
+    operator_commands_and_settings_round_trip,
 );
 
 async fn claims_are_exclusive_and_expired_leases_come_back(db: &TestDb) {
@@ -242,5 +245,75 @@ async fn module_inserts_from_the_readme_are_delivered_shape(db: &TestDb) {
     assert_eq!(atts.len(), 1);
     assert!(atts[0].content_type.starts_with("text/calendar"));
     assert!(String::from_utf8_lossy(&atts[0].content).contains("BEGIN:VCALENDAR"));
+    store.close().await;
+}
+
+/// What an operator and the web UI do besides sending: cancel, retry, purge by
+/// retention, and saving the relay and OAuth settings.
+async fn operator_commands_and_settings_round_trip(db: &TestDb) {
+    let store = db.store().await;
+    let (a, _) = store.enqueue(&mail("ann@example.com", "a")).await.unwrap();
+    let (b, _) = store.enqueue(&mail("bob@example.com", "b")).await.unwrap();
+    assert_eq!(store.cancel(a).await.unwrap(), 1);
+    assert_eq!(
+        store.cancel(a).await.unwrap(),
+        0,
+        "only pending rows are cancelled"
+    );
+    db.exec(&format!(
+        "UPDATE mail_outbox SET status = 'failed', attempts = 10 WHERE id = {b}"
+    ))
+    .await;
+    assert_eq!(store.retry_all_failed().await.unwrap(), 1);
+    assert_eq!(store.retry(a).await.unwrap(), 1);
+    let rows = store.list(None, Some("pending"), 10).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.attempts == 0));
+
+    // Retention removes finished rows older than the limit, with their history.
+    let old = match db.dialect {
+        Dialect::Postgres => "now() - interval '100 days'",
+        Dialect::MySql => "UTC_TIMESTAMP() - INTERVAL 100 DAY",
+        Dialect::Sqlite => "datetime('now', '-100 days')",
+    };
+    db.exec(&format!(
+        "UPDATE mail_outbox SET status = 'sent', updated_at = {old} WHERE id = {a}"
+    ))
+    .await;
+    assert_eq!(store.purge(90).await.unwrap(), 1);
+    assert_eq!(store.purge(90).await.unwrap(), 0);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM mail_outbox").await,
+        1,
+        "pending rows are kept"
+    );
+
+    store
+        .set_oauth(&OAuthUpdate {
+            enabled: true,
+            mode: "smtp".into(),
+            tenant_id: Some("contoso.onmicrosoft.com".into()),
+            client_id: Some("6731de76-14a6-49ae-97bc-6eba6914391e".into()),
+            client_secret: Some(SecretString::from("Xy8Q~value".to_string())),
+            smtp_host: None,
+            smtp_port: Some(2587),
+            authority_host: Some("login.microsoftonline.us".into()),
+            graph_base_url: None,
+            general_sender: Some("TEOS <teos@contoso.com>".into()),
+            reception_sender: None,
+        })
+        .await
+        .unwrap();
+    let settings = Settings::from_row(store.load_settings().await.unwrap());
+    let oauth = settings.oauth.unwrap().unwrap();
+    assert_eq!(oauth.mode, OAuthMode::Smtp);
+    assert_eq!(
+        (oauth.smtp_host.as_str(), oauth.smtp_port),
+        ("smtp.office365.com", 2587)
+    );
+    assert_eq!(oauth.authority, "https://login.microsoftonline.us");
+    assert_eq!(oauth.graph, "https://graph.microsoft.com");
+    assert_eq!(oauth.secret.0, "Xy8Q~value");
+    assert!(settings.general.is_ok() && settings.reception.is_err());
     store.close().await;
 }
