@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use lettre::message::Mailbox;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, field};
 
@@ -15,7 +15,7 @@ use crate::config::DeliveryConfig;
 use crate::render::{self, Rendered};
 use crate::retry;
 use crate::settings::{SenderKind, Settings};
-use crate::store::{self, AttemptRecord, ClaimedRow, Finish, RowStatus, Store};
+use crate::store::{self, AttemptRecord, ClaimedRow, Ending, Finish, RowStatus, Store};
 use crate::token::{TokenError, TokenManager};
 use crate::transport::{Context, Outcome, Stop, Transport};
 
@@ -79,6 +79,8 @@ impl Delivery {
 
 pub struct Worker {
     store: Store,
+    /// Where finished attempts go to be written in batches (see `record_batches`).
+    recorder: mpsc::UnboundedSender<Recording>,
     ctx: Context,
     tokens: Arc<TokenManager>,
     /// This daemon's name in lease_owner: host, pid and a random part, so that two
@@ -117,6 +119,8 @@ impl Worker {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "localhost".into());
         let owner = format!("{host}:{}:{:08x}", std::process::id(), fastrand::u32(..));
+        let (recorder, queue) = mpsc::unbounded_channel();
+        tokio::spawn(record_batches(store.clone(), owner.clone(), queue));
         let message_id_domain = if ctx.delivery.message_id_domain.is_empty() {
             host
         } else {
@@ -126,6 +130,7 @@ impl Worker {
         Worker {
             delivery: Mutex::new(Arc::new(Delivery::new(first, &ctx))),
             settings: Mutex::new(settings),
+            recorder,
             store,
             ctx,
             tokens,
@@ -400,7 +405,7 @@ impl Worker {
         kind: Option<SenderKind>,
         outcome: Outcome,
         took: Duration,
-        transport: &str,
+        transport: &'static str,
     ) {
         let max_attempts = row
             .max_attempts
@@ -415,7 +420,7 @@ impl Worker {
             tracing::info!("given back unsent: the daemon is stopping");
             let mut back = finish(RowStatus::Pending, None, None, None);
             back.give_back = true;
-            self.record(row, &back, None).await;
+            self.record(row, back, None).await;
             return;
         }
         let (finish, detail) = match &outcome {
@@ -498,10 +503,9 @@ impl Worker {
             duration: took,
             transport,
             outcome: outcome.label(),
-            smtp_code: code,
-            detail: Some(&detail),
+            detail: Some(detail),
         };
-        self.record(row, &finish, Some(&record)).await;
+        self.record(row, finish, Some(record)).await;
     }
 
     /// Pauses a sender for `pause`. True when it was not paused yet, so that the caller
@@ -521,8 +525,21 @@ impl Worker {
     /// Writes the end of an attempt, retrying through a database outage for as long as
     /// the lease lasts. If it never gets through, the lease runs out and the row is
     /// tried again: a message may then go twice, but is never lost.
-    async fn record(&self, row: &ClaimedRow, finish: &Finish, attempt: Option<&AttemptRecord<'_>>) {
-        let write = || self.store.finish(&self.owner, row.id, finish, attempt);
+    async fn record(&self, row: &ClaimedRow, finish: Finish, record: Option<AttemptRecord>) {
+        let ending = Ending {
+            id: row.id,
+            finish,
+            record,
+        };
+        let write = || async {
+            let (done, written) = oneshot::channel();
+            self.recorder
+                .send((ending.clone(), done))
+                .map_err(|_| "the recorder has stopped".to_string())?;
+            written
+                .await
+                .map_err(|_| "the recorder has stopped".to_string())?
+        };
         let written = write
             .retry(
                 retry::reconnect_backoff(Duration::from_secs(10))
@@ -540,6 +557,33 @@ impl Worker {
             Err(e) => {
                 tracing::error!(error = %e, "outcome not recorded; the row will be retried when its lease runs out")
             }
+        }
+    }
+}
+
+/// How many attempt ends go into one write at most.
+const RECORD_BATCH: usize = 64;
+
+type Recording = (Ending, oneshot::Sender<Result<bool, String>>);
+
+/// Writes the ends of attempts in batches: whatever queued up while the last write ran
+/// goes into the next one, so a busy daemon pays one commit for many messages and a
+/// quiet one waits for nothing. Each sender learns whether its lease was still valid.
+async fn record_batches(
+    store: Store,
+    owner: String,
+    mut queue: mpsc::UnboundedReceiver<Recording>,
+) {
+    let mut batch: Vec<Recording> = Vec::with_capacity(RECORD_BATCH);
+    while queue.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        let endings: Vec<Ending> = batch.iter().map(|(e, _)| e.clone()).collect();
+        let result = store.finish_many(&owner, &endings).await;
+        for (ending, done) in batch.drain(..) {
+            let answer = match &result {
+                Ok(ours) => Ok(ours.contains(&ending.id)),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = done.send(answer);
         }
     }
 }

@@ -33,7 +33,8 @@ pub enum Store {
 pub(crate) struct Queries {
     /// (limit, owner, lease ms, message-id domain, paused sender, paused sender) → ClaimedRow
     claim: &'static str,
-    /// (status, give back 0/1, retry delay ms or NULL, error, code, reply, sent, id, owner)
+    /// (status, give back 0/1, retry delay ms or NULL, error, code, reply, sent, id, owner);
+    /// PostgreSQL writes a batch with `postgres::finish_many` instead
     finish: &'static str,
     /// (outbox id, attempt, duration ms, transport, outcome, code, detail, daemon)
     record_attempt: &'static str,
@@ -281,15 +282,23 @@ pub struct Finish {
     pub reply: Option<String>,
 }
 
-/// One row of history: what one attempt did.
+/// One row of history: what one attempt did. Its reply code is the outcome's.
 #[derive(Debug, Clone)]
-pub struct AttemptRecord<'a> {
+pub struct AttemptRecord {
     pub attempt: i32,
     pub duration: Duration,
-    pub transport: &'a str,
-    pub outcome: &'a str,
-    pub smtp_code: Option<u16>,
-    pub detail: Option<&'a str>,
+    pub transport: &'static str,
+    pub outcome: &'static str,
+    pub detail: Option<String>,
+}
+
+/// The end of one attempt on row `id`: the outcome, and its history row unless the
+/// attempt was given back untried.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub id: i64,
+    pub finish: Finish,
+    pub record: Option<AttemptRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,7 +309,7 @@ pub enum RowStatus {
 }
 
 impl RowStatus {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RowStatus::Pending => "pending",
             RowStatus::Sent => "sent",
@@ -475,67 +484,70 @@ impl Store {
         with_pool!(self, pool => sqlx::query_as(sql).bind(outbox_id).fetch_all(pool).await)
     }
 
-    /// Ends an attempt on a row this daemon holds, with its history row, in one
-    /// transaction. Returns false when the lease was no longer ours (another daemon took
-    /// the row over after it expired): then nothing is written.
+    /// Ends an attempt on a row this daemon holds, with its history row. Returns false
+    /// when the lease was no longer ours (another daemon took the row over after it
+    /// expired): then nothing is written.
     pub async fn finish(
         &self,
         owner: &str,
         id: i64,
         finish: &Finish,
-        record: Option<&AttemptRecord<'_>>,
+        record: Option<&AttemptRecord>,
     ) -> Result<bool, DbError> {
-        /// The outcome's parameters, the same for every statement that writes one.
-        macro_rules! bind_finish {
-            ($query:expr) => {
-                $query
-                    .bind(finish.status.as_str())
-                    .bind(i32::from(finish.give_back))
-                    .bind(finish.retry_in.map(duration_ms))
-                    .bind(finish.error.as_deref())
-                    .bind(finish.smtp_code.map(i32::from))
-                    .bind(finish.reply.as_deref())
-                    .bind(finish.status == RowStatus::Sent)
-                    .bind(id)
-                    .bind(owner)
-            };
-        }
-        if let (Store::Postgres(pool), Some(r)) = (self, record) {
-            let updated: i64 = bind_finish!(sqlx::query_scalar(postgres::FINISH_AND_RECORD))
-                .bind(r.attempt)
-                .bind(duration_ms(r.duration))
-                .bind(r.transport)
-                .bind(r.outcome)
-                .bind(r.smtp_code.map(i32::from))
-                .bind(r.detail)
-                .fetch_one(pool)
-                .await?;
-            return Ok(updated == 1);
+        let ending = Ending {
+            id,
+            finish: finish.clone(),
+            record: record.cloned(),
+        };
+        Ok(!self.finish_many(owner, &[ending]).await?.is_empty())
+    }
+
+    /// Ends several attempts in one transaction (on PostgreSQL, one statement), so that
+    /// a busy daemon pays one commit for a batch of messages. Returns the ids whose lease
+    /// was still ours; the others are left as they are.
+    pub async fn finish_many(&self, owner: &str, endings: &[Ending]) -> Result<Vec<i64>, DbError> {
+        if let Store::Postgres(pool) = self {
+            return postgres::finish_many(pool, owner, endings).await;
         }
         let q = self.queries();
         with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let updated = bind_finish!(sqlx::query(q.finish))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            if updated == 1 {
-                if let Some(r) = record {
+            let mut ours = Vec::with_capacity(endings.len());
+            for e in endings {
+                let f = &e.finish;
+                let updated = sqlx::query(q.finish)
+                    .bind(f.status.as_str())
+                    .bind(i32::from(f.give_back))
+                    .bind(f.retry_in.map(duration_ms))
+                    .bind(f.error.as_deref())
+                    .bind(f.smtp_code.map(i32::from))
+                    .bind(f.reply.as_deref())
+                    .bind(f.status == RowStatus::Sent)
+                    .bind(e.id)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if updated == 0 {
+                    continue;
+                }
+                ours.push(e.id);
+                if let Some(r) = &e.record {
                     sqlx::query(q.record_attempt)
-                        .bind(id)
+                        .bind(e.id)
                         .bind(r.attempt)
                         .bind(duration_ms(r.duration))
                         .bind(r.transport)
                         .bind(r.outcome)
-                        .bind(r.smtp_code.map(i32::from))
-                        .bind(r.detail)
+                        .bind(f.smtp_code.map(i32::from))
+                        .bind(r.detail.as_deref())
                         .bind(owner)
                         .execute(&mut *tx)
                         .await?;
                 }
             }
             tx.commit().await?;
-            Ok(updated == 1)
+            Ok(ours)
         })
     }
 
@@ -778,6 +790,6 @@ pub fn is_contention(e: &DbError) -> bool {
         .is_some_and(|code| code == "40001" || code == "40P01")
 }
 
-fn duration_ms(d: Duration) -> i64 {
+pub(crate) fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

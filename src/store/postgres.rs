@@ -1,43 +1,106 @@
 //! PostgreSQL statements. `FOR UPDATE SKIP LOCKED` lets several daemons claim from one
 //! table without waiting on each other; the claim is one statement, so it commits alone.
 
-use super::Queries;
+use sqlx::PgPool;
 
-/// Ends an attempt on a row this daemon holds: (status, give back 0/1, retry delay ms or
-/// NULL, error, code, reply, sent, id, owner).
-macro_rules! finish_update {
-    () => {
-        "
-        UPDATE mail_outbox
-        SET status = $1,
-            attempts = attempts - $2,
-            next_attempt_at = COALESCE(now() + make_interval(secs => $3 / 1000.0), next_attempt_at),
-            last_error = COALESCE($4, last_error),
-            last_smtp_code = COALESCE($5, last_smtp_code),
-            last_reply = COALESCE($6, last_reply),
-            sent_at = CASE WHEN $7 THEN now() ELSE sent_at END,
+use super::{DbError, Ending, Queries, RowStatus, duration_ms};
+
+/// A batch of outcomes and their history rows in one statement: the rows come in as
+/// parallel arrays, and only rows still leased by $1 are touched.
+const FINISH_MANY: &str = "
+    WITH input AS (
+        SELECT * FROM UNNEST(
+            $2::bigint[], $3::text[], $4::int[], $5::bigint[], $6::text[], $7::int[], $8::text[],
+            $9::bool[], $10::int[], $11::bigint[], $12::text[], $13::text[], $14::text[]
+        ) AS t(id, status, give_back, retry_ms, error, code, reply, sent,
+               attempt, duration_ms, transport, outcome, detail)
+    ), done AS (
+        UPDATE mail_outbox AS m
+        SET status = i.status,
+            attempts = m.attempts - i.give_back,
+            next_attempt_at = COALESCE(now() + make_interval(secs => i.retry_ms / 1000.0), m.next_attempt_at),
+            last_error = COALESCE(i.error, m.last_error),
+            last_smtp_code = COALESCE(i.code, m.last_smtp_code),
+            last_reply = COALESCE(i.reply, m.last_reply),
+            sent_at = CASE WHEN i.sent THEN now() ELSE m.sent_at END,
             lease_owner = NULL,
             lease_until = NULL,
             updated_at = now()
-        WHERE id = $8 AND lease_owner = $9 AND status = 'sending'"
-    };
-}
-
-/// The outcome and its history row in one statement: one round trip and one commit
-/// instead of four round trips in a transaction. The history parameters follow the
-/// outcome's: (attempt, duration ms, transport, outcome, code, detail) → rows updated.
-pub(super) const FINISH_AND_RECORD: &str = concat!(
-    "WITH done AS (",
-    finish_update!(),
-    "
-        RETURNING id
+        FROM input AS i
+        WHERE m.id = i.id AND m.lease_owner = $1 AND m.status = 'sending'
+        RETURNING m.id
     ), history AS (
         INSERT INTO mail_attempt
             (outbox_id, attempt, duration_ms, transport, outcome, smtp_code, detail, daemon)
-        SELECT id, $10, $11, $12, $13, $14, $15, $9 FROM done
+        SELECT i.id, i.attempt, i.duration_ms, i.transport, i.outcome, i.code, i.detail, $1
+        FROM input AS i JOIN done AS d ON d.id = i.id
+        WHERE i.attempt IS NOT NULL
     )
-    SELECT COUNT(*) FROM done"
-);
+    SELECT id FROM done";
+
+pub(super) async fn finish_many(
+    pool: &PgPool,
+    owner: &str,
+    endings: &[Ending],
+) -> Result<Vec<i64>, DbError> {
+    let ids: Vec<i64> = endings.iter().map(|e| e.id).collect();
+    let status: Vec<&str> = endings.iter().map(|e| e.finish.status.as_str()).collect();
+    let give_back: Vec<i32> = endings
+        .iter()
+        .map(|e| i32::from(e.finish.give_back))
+        .collect();
+    let retry_ms: Vec<Option<i64>> = endings
+        .iter()
+        .map(|e| e.finish.retry_in.map(duration_ms))
+        .collect();
+    let error: Vec<Option<&str>> = endings.iter().map(|e| e.finish.error.as_deref()).collect();
+    let code: Vec<Option<i32>> = endings
+        .iter()
+        .map(|e| e.finish.smtp_code.map(i32::from))
+        .collect();
+    let reply: Vec<Option<&str>> = endings.iter().map(|e| e.finish.reply.as_deref()).collect();
+    let sent: Vec<bool> = endings
+        .iter()
+        .map(|e| e.finish.status == RowStatus::Sent)
+        .collect();
+    let attempt: Vec<Option<i32>> = endings
+        .iter()
+        .map(|e| e.record.as_ref().map(|r| r.attempt))
+        .collect();
+    let duration: Vec<Option<i64>> = endings
+        .iter()
+        .map(|e| e.record.as_ref().map(|r| duration_ms(r.duration)))
+        .collect();
+    let transport: Vec<Option<&str>> = endings
+        .iter()
+        .map(|e| e.record.as_ref().map(|r| r.transport))
+        .collect();
+    let outcome: Vec<Option<&str>> = endings
+        .iter()
+        .map(|e| e.record.as_ref().map(|r| r.outcome))
+        .collect();
+    let detail: Vec<Option<&str>> = endings
+        .iter()
+        .map(|e| e.record.as_ref().and_then(|r| r.detail.as_deref()))
+        .collect();
+    sqlx::query_scalar(FINISH_MANY)
+        .bind(owner)
+        .bind(ids)
+        .bind(status)
+        .bind(give_back)
+        .bind(retry_ms)
+        .bind(error)
+        .bind(code)
+        .bind(reply)
+        .bind(sent)
+        .bind(attempt)
+        .bind(duration)
+        .bind(transport)
+        .bind(outcome)
+        .bind(detail)
+        .fetch_all(pool)
+        .await
+}
 
 pub(super) const QUERIES: Queries = Queries {
     claim: "
@@ -65,11 +128,10 @@ pub(super) const QUERIES: Queries = Queries {
                   m.subject, m.body_text, m.body_html, m.headers, m.priority, m.attempts,
                   m.max_attempts, m.message_id,
                   (SELECT COUNT(*) FROM mail_attachment a WHERE a.outbox_id = m.id) AS attachment_count",
-    finish: finish_update!(),
-    record_attempt: "
-        INSERT INTO mail_attempt
-            (outbox_id, attempt, duration_ms, transport, outcome, smtp_code, detail, daemon)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    // Outcomes go through `finish_many` below.
+    finish: "",
+    // History rows are written by `finish_many` below.
+    record_attempt: "",
     reap: "
         UPDATE mail_outbox
         SET status = CASE WHEN attempts >= COALESCE(max_attempts, $1) THEN 'failed' ELSE 'pending' END,
