@@ -314,7 +314,7 @@ impl Worker {
         self: Arc<Self>,
         row: ClaimedRow,
         stop: Stop,
-        _slot: Option<OwnedSemaphorePermit>,
+        slot: Option<OwnedSemaphorePermit>,
     ) {
         let delivery = self.delivery();
         let span = tracing::info_span!(
@@ -333,6 +333,9 @@ impl Worker {
             } else {
                 self.attempt(&row, &delivery, &stop).await
             };
+            // The slot bounds the sessions with the mail server; writing the outcome
+            // needs none, so the next claim need not wait for it.
+            drop(slot);
             self.conclude(
                 &row,
                 kind,
