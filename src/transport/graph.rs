@@ -107,14 +107,7 @@ impl GraphTransport {
             .to_string();
         let text = response.text().await.unwrap_or_default();
         let outcome = classify(status, &text, retry_after, &mailbox, &request_id);
-        match &outcome {
-            Outcome::Sent { .. } => limits.succeeded(),
-            Outcome::Throttled { .. } => {
-                let requests = limits.throttled();
-                tracing::warn!(mailbox = %mailbox, requests, "throttled; fewer requests for this mailbox");
-            }
-            _ => {}
-        }
+        limits.observe(&outcome, &mailbox);
         outcome
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::Stop;
+use super::{Outcome, Stop};
 use tokio::time::Instant;
 
 /// Successes in a row after which a lowered limit goes up by one again.
@@ -62,7 +62,24 @@ impl MailboxLimits {
         Some(permit)
     }
 
-    pub fn succeeded(&self) {
+    /// Learns from an outcome: a run of successes raises a lowered limit, throttling
+    /// lowers it.
+    pub fn observe(&self, outcome: &Outcome, mailbox: &str) {
+        match outcome {
+            Outcome::Sent { .. } => self.succeeded(),
+            Outcome::Throttled { .. } => {
+                let sessions = self.throttled();
+                tracing::warn!(
+                    mailbox,
+                    sessions,
+                    "throttled; fewer sessions at once for this mailbox"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn succeeded(&self) {
         let n = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
         if n % RECOVER_AFTER == 0 {
             let raised = self
@@ -77,7 +94,7 @@ impl MailboxLimits {
     }
 
     /// The service throttled this mailbox: one session fewer, down to one.
-    pub fn throttled(&self) -> u32 {
+    fn throttled(&self) -> u32 {
         self.successes.store(0, Ordering::Relaxed);
         let lowered = self
             .limit

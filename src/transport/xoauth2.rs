@@ -111,14 +111,7 @@ impl Xoauth2Transport {
             Ok(response) => relay::sent(&response),
             Err(e) => relay::classify_session(e, &server, |e, server| classify(e, server, &user)),
         };
-        match &outcome {
-            Outcome::Sent { .. } => mailbox.limits.succeeded(),
-            Outcome::Throttled { .. } => {
-                let sessions = mailbox.limits.throttled();
-                tracing::warn!(mailbox = %user, sessions, "throttled; fewer sessions for this mailbox");
-            }
-            _ => {}
-        }
+        mailbox.limits.observe(&outcome, &user);
         outcome
     }
 }
