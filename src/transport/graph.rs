@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine;
 
 use super::mailbox::MailboxLimits;
-use super::{Outcome, Stop};
+use super::{Outcome, Stop, sender};
 use crate::render::Rendered;
 use crate::token::AccessToken;
 
@@ -51,13 +51,10 @@ impl GraphTransport {
     }
 
     pub async fn send(&self, message: &Rendered, token: &AccessToken, stop: &Stop) -> Outcome {
-        let Some(from) = message.envelope.from() else {
-            return Outcome::Permanent {
-                reason: "the message has no sender".into(),
-                code: None,
-            };
+        let mailbox = match sender(message) {
+            Ok(address) => address,
+            Err(outcome) => return outcome,
         };
-        let mailbox = from.to_string();
         let body = base64::engine::general_purpose::STANDARD.encode(&message.bytes);
         if body.len() > GRAPH_MAX_BODY {
             return Outcome::Permanent {

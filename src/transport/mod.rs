@@ -214,6 +214,18 @@ impl Transport {
     }
 }
 
+/// The envelope sender: the mailbox a Microsoft 365 transport logs in or posts as.
+fn sender(message: &Rendered) -> Result<String, Outcome> {
+    message
+        .envelope
+        .from()
+        .map(ToString::to_string)
+        .ok_or(Outcome::Permanent {
+            reason: "the message has no sender".into(),
+            code: None,
+        })
+}
+
 fn microsoft365(oauth: &OAuth, ctx: &Context) -> Result<Transport, String> {
     let m = &ctx.microsoft365;
     Ok(match oauth.mode {

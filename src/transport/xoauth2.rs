@@ -11,7 +11,7 @@ use lettre::transport::smtp::{self};
 
 use super::mailbox::MailboxLimits;
 use super::session::{Security, SessionPool};
-use super::{Outcome, Stop, relay};
+use super::{Outcome, Stop, relay, sender};
 use crate::render::Rendered;
 use crate::token::AccessToken;
 
@@ -94,13 +94,10 @@ impl Xoauth2Transport {
     }
 
     pub async fn send(&self, message: &Rendered, token: &AccessToken, stop: &Stop) -> Outcome {
-        let Some(from) = message.envelope.from() else {
-            return Outcome::Permanent {
-                reason: "the message has no sender".into(),
-                code: None,
-            };
+        let user = match sender(message) {
+            Ok(address) => address,
+            Err(outcome) => return outcome,
         };
-        let user = from.to_string();
         let mailbox = self.mailbox(&user);
         let Some(_session) = mailbox.limits.enter(stop).await else {
             return Outcome::Stopped;
